@@ -1,0 +1,392 @@
+"""Typed dataclass tree that every experiment config builds (see DESIGN, "Configuration contract").
+
+Each section validates itself in ``__post_init__``; ``configs.load_config`` re-runs the validation
+after command-line overrides, so a bad value is reported with its dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+READERS = ("sample", "coco", "market1501", "mars", "grocery", "folders")
+SAMPLERS = ("pk", "balanced", "random")
+
+
+@dataclass
+class PrepareConfig:
+    """How raw records are cropped into shards (``python -m datasets.prepare``)."""
+
+    padding: float = 0.0
+    """context padding around each box, as a fraction of the box side"""
+    min_size: int = 8
+    """boxes with a side smaller than this (pixels) are skipped and counted"""
+    max_side: int = 512
+    """crops are downscaled so their longer side is at most this (0 = keep)"""
+    quality: int = 95
+    """JPEG quality of the stored crops"""
+    shard_size: int = 1000
+    """samples per tar shard"""
+    gallery_views: int = 0
+    """extra augmented views written per gallery sample (the seed's enlarged feature bank)"""
+    workers: int = 2
+    """parallel crop workers"""
+    skip_bad: bool = True
+    """skip (and count, report, record in the manifest) unreadable images instead of failing"""
+
+    def __post_init__(self) -> None:
+        _positive("prepare.padding", self.padding, allow_zero=True)
+        _positive("prepare.min_size", self.min_size, allow_zero=True)
+        _positive("prepare.max_side", self.max_side, allow_zero=True)
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"prepare.quality={self.quality} must be in 1..100")
+        _positive("prepare.shard_size", self.shard_size)
+        _positive("prepare.gallery_views", self.gallery_views, allow_zero=True)
+        _positive("prepare.workers", self.workers)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (the reid-strong-baseline set)."""
+
+    flip_p: float = 0.5
+    """horizontal flip probability"""
+    pad: int = 10
+    """zero padding before the random crop back to the input size (pixels; 0 = off)"""
+    erasing_p: float = 0.5
+    """random erasing probability"""
+    color_jitter: float = 0.0
+    """brightness/contrast/saturation jitter strength (0 = off)"""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """normalisation mean"""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """normalisation std"""
+
+    def __post_init__(self) -> None:
+        for key in ("flip_p", "erasing_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.augment.{key}={getattr(self, key)} must be in [0, 1]")
+        _positive("data.augment.pad", self.pad, allow_zero=True)
+        _positive("data.augment.color_jitter", self.color_jitter, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from, how it is sharded and how it is streamed."""
+
+    reader: str = "sample"
+    """record reader: one of READERS"""
+    root: str = "data/sample"
+    """dataset root for the reader (for ``sample``: where the generated set is written)"""
+    shards: str = "data/shards/sample"
+    """folder of tar shards + manifest.json made by datasets.prepare"""
+    train_split: str = "train"
+    """split used for training"""
+    query_split: str = "query"
+    """split used as evaluation queries"""
+    gallery_split: str = "gallery"
+    """split used as the evaluation gallery"""
+    height: int = 128
+    """network input height"""
+    width: int = 128
+    """network input width"""
+    sampler: str = "pk"
+    """batch composition: pk (P identities x K samples), balanced (under-sample big classes), random"""
+    batch_size: int = 32
+    """global batch size per optimizer step across all ranks (per rank = batch_size / world size)"""
+    num_instances: int = 4
+    """K: samples per identity in a P x K batch"""
+    balanced_cap: int = 0
+    """balanced sampler: most samples taken per class per epoch (0 = the median class count)"""
+    num_workers: int = 2
+    """data loader workers per rank"""
+    shuffle_buffer: int = 1000
+    """sample shuffle buffer of the training stream"""
+    eval_batch_size: int = 64
+    """batch size of the evaluation stream"""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    """shard preparation settings"""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """training augmentation"""
+
+    def __post_init__(self) -> None:
+        _choice("data.reader", self.reader, READERS)
+        _choice("data.sampler", self.sampler, SAMPLERS)
+        for key in ("height", "width", "batch_size", "num_instances", "eval_batch_size", "shuffle_buffer"):
+            _positive(f"data.{key}", getattr(self, key))
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.balanced_cap", self.balanced_cap, allow_zero=True)
+        if self.sampler == "pk" and self.batch_size % self.num_instances:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} must be a multiple of data.num_instances={self.num_instances} "
+                "for P x K batches"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, neck and head of the retrieval model."""
+
+    backbone: str = "resnet18"
+    """timm model name, or resnet50_ibn_a / resnet101_ibn_a"""
+    pretrained_path: str = ""
+    """local weights file (official Swin, torchvision/timm ResNet or IBN-Net layout); empty = random init"""
+    pretrained: bool = False
+    """download weights through timm's hub (needs network access)"""
+    last_stride: int = 1
+    """stride of the last ResNet stage (1 = the ReID recipe)"""
+    pooling: str = "avg"
+    """global pooling: avg or gem"""
+    gem_p: float = 3.0
+    """initial GeM exponent"""
+    embed_dim: int = 0
+    """optional linear embedding size after pooling (0 = backbone width)"""
+    neck: str = "bnneck"
+    """bnneck or none"""
+    neck_feat: str = "after"
+    """inference embedding: before or after the BNNeck"""
+    head: str = "linear"
+    """classifier: linear, amsoftmax or arcface"""
+    scale: float = 30.0
+    """cosine classifier scale"""
+    margin: float = 0.35
+    """cosine classifier margin"""
+    drop_path: float = 0.0
+    """stochastic depth rate for timm backbones that support it"""
+
+    def __post_init__(self) -> None:
+        _choice("model.pooling", self.pooling, ("avg", "gem"))
+        _choice("model.neck", self.neck, ("bnneck", "none"))
+        _choice("model.neck_feat", self.neck_feat, ("before", "after"))
+        _choice("model.head", self.head, ("linear", "amsoftmax", "arcface"))
+        _choice("model.last_stride", self.last_stride, (1, 2))
+        _positive("model.embed_dim", self.embed_dim, allow_zero=True)
+
+
+@dataclass
+class LossConfig:
+    """Weighted sum of losses."""
+
+    ce_weight: float = 1.0
+    """cross-entropy (or margin-softmax) weight"""
+    label_smoothing: float = 0.1
+    """label smoothing epsilon"""
+    triplet_weight: float = 1.0
+    """batch-hard triplet weight (0 = off)"""
+    triplet_margin: float = 0.3
+    """triplet margin; 0 = soft margin"""
+    triplet_all_ranks: bool = False
+    """mine triplets over embeddings gathered from all ranks"""
+    center_weight: float = 0.0
+    """center loss weight (strong baseline: 5e-4)"""
+    center_lr: float = 0.5
+    """center loss optimizer learning rate"""
+    max_nan_steps: int = 5
+    """stop with an error after this many non-finite losses in a row (each one is skipped)"""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        for key in ("ce_weight", "triplet_weight", "triplet_margin", "center_weight", "center_lr"):
+            _positive(f"loss.{key}", getattr(self, key), allow_zero=True)
+        _positive("loss.max_nan_steps", self.max_nan_steps)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer."""
+
+    name: str = "adam"
+    """sgd, adam or adamw"""
+    lr: float = 3.5e-4
+    """base learning rate"""
+    weight_decay: float = 5e-4
+    """weight decay (not applied to norms and biases)"""
+    momentum: float = 0.9
+    """SGD momentum"""
+    head_lr_mult: float = 1.0
+    """learning-rate multiplier of the neck/head relative to the backbone"""
+    clip_grad: float = 0.0
+    """max gradient norm (0 = off)"""
+    grad_accum: int = 1
+    """gradient accumulation steps"""
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.head_lr_mult", self.head_lr_mult)
+        _positive("optim.clip_grad", self.clip_grad, allow_zero=True)
+        _positive("optim.grad_accum", self.grad_accum)
+
+
+@dataclass
+class ScheduleConfig:
+    """Epochs and learning-rate schedule (per iteration, with linear warmup)."""
+
+    epochs: int = 120
+    """training epochs"""
+    iters_per_epoch: int = 0
+    """optimizer steps per epoch (0 = derived from the training split and the batch size)"""
+    warmup_epochs: int = 10
+    """linear warmup length"""
+    warmup_factor: float = 0.01
+    """lr multiplier at the first warmup step"""
+    kind: str = "multistep"
+    """multistep or cosine"""
+    milestones: tuple[int, ...] = (40, 70)
+    """multistep: epochs where the lr is multiplied by gamma"""
+    gamma: float = 0.1
+    """multistep decay factor"""
+    min_lr_ratio: float = 0.0
+    """cosine: final lr as a fraction of the base lr"""
+
+    def __post_init__(self) -> None:
+        _positive("schedule.epochs", self.epochs)
+        _positive("schedule.iters_per_epoch", self.iters_per_epoch, allow_zero=True)
+        _positive("schedule.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        _choice("schedule.kind", self.kind, ("multistep", "cosine"))
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones={self.milestones} must be increasing")
+
+
+@dataclass
+class TrainConfig:
+    """Run-wide training settings."""
+
+    seed: int = 0
+    """random seed"""
+    precision: str = "no"
+    """mixed precision: no, fp16 or bf16 (through Accelerate)"""
+    compile: bool = False
+    """torch.compile the model"""
+    channels_last: bool = False
+    """channels-last memory format"""
+    sync_bn: bool = False
+    """convert BatchNorm to SyncBatchNorm under DDP"""
+    log_every: int = 10
+    """iterations between log lines"""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON (configs/deepspeed/*.json); empty = plain DDP"""
+
+    def __post_init__(self) -> None:
+        _choice("train.precision", self.precision, ("no", "fp16", "bf16"))
+        _positive("train.log_every", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    every: int = 1
+    """evaluate every N epochs (0 = only at the end)"""
+    protocol: str = "reid"
+    """reid (Market-1501 camera rule) or retail (no camera rule)"""
+    flip: bool = False
+    """average embeddings of the image and its horizontal flip"""
+    rerank: bool = False
+    """k-reciprocal re-ranking before the metrics"""
+    normalize: bool = True
+    """L2-normalise embeddings before ranking"""
+
+    def __post_init__(self) -> None:
+        _positive("eval.every", self.every, allow_zero=True)
+        _choice("eval.protocol", self.protocol, ("reid", "retail"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable state and best weights."""
+
+    every_steps: int = 200
+    """write resumable state every N optimizer steps (and at the end of each epoch)"""
+    keep_last: int = 2
+    """resumable states kept"""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class LaunchConfig:
+    """Resources and SLURM settings for launch/slurm.py."""
+
+    cluster: str = "auto"
+    """auto (SLURM when sbatch is on PATH), slurm or local"""
+    nodes: int = 1
+    """nodes"""
+    gpus_per_node: int = 0
+    """GPUs per node (one task each); 0 = CPU"""
+    cpu_tasks: int = 1
+    """tasks per node when running on CPU"""
+    cpus_per_task: int = 2
+    """CPUs per task"""
+    mem_gb: int = 0
+    """memory per node in GB (0 = SLURM default)"""
+    partition: str = ""
+    """SLURM partition"""
+    account: str = ""
+    """SLURM account"""
+    qos: str = ""
+    """SLURM QOS"""
+    time_min: int = 60
+    """time limit in minutes"""
+    constraint: str = ""
+    """SLURM constraint"""
+    extra_sbatch: tuple[str, ...] = ()
+    """extra #SBATCH lines, e.g. ("--exclusive",)"""
+    signal_delay_s: int = 120
+    """seconds before the time limit when SIGUSR2 is sent"""
+
+    def __post_init__(self) -> None:
+        _choice("launch.cluster", self.cluster, ("auto", "slurm", "local"))
+        if self.nodes < 1:
+            raise ValueError(f"launch.nodes={self.nodes} must be >= 1")
+        _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        _positive("launch.cpu_tasks", self.cpu_tasks)
+        _positive("launch.cpus_per_task", self.cpus_per_task)
+        _positive("launch.time_min", self.time_min)
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: what trains, on what, how, and where its outputs go."""
+
+    name: str = "experiment"
+    """experiment name (runs/NAME/...)"""
+    trainer: str = "retrieval"
+    """trainer module: retrieval, distill or detection"""
+    output_dir: str = "runs"
+    """root of the run directories"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """data"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """model"""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """losses"""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer"""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """learning-rate schedule"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """training run"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluation"""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """checkpoints"""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """launcher"""
+
+    def __post_init__(self) -> None:
+        _choice("trainer", self.trainer, ("retrieval", "distill", "detection"))

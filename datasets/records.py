@@ -1,0 +1,61 @@
+"""The plain record every reader returns, and the seed's dataset statistics table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One object to crop: an image file, an optional box, and who/what it shows."""
+
+    path: str
+    """image file (absolute, or relative to the reader root)"""
+    identity: int
+    """original person id / product category id (-1 = junk, 0 = distractor in Market-1501)"""
+    camera: int = -1
+    """camera index, -1 when unknown"""
+    box: tuple[float, float, float, float] | None = None
+    """[x, y, w, h] in pixels; None = the whole image"""
+    split: str = "train"
+    """split name: train, query, gallery, ..."""
+    label: int = -1
+    """contiguous class index within the split's label space (-1 = not a training class)"""
+    name: str = ""
+    """human-readable class name, when the source has one"""
+    meta: Mapping[str, object] = field(default_factory=dict)
+    """extra source fields kept in the shard json (image id, annotation id, tracklet, ...)"""
+
+
+def assign_labels(records: Sequence[Record]) -> tuple[list[Record], list[int]]:
+    """Give records contiguous labels by sorted identity; return them and the label -> identity list."""
+    identities = sorted({r.identity for r in records})
+    index = {pid: i for i, pid in enumerate(identities)}
+    from dataclasses import replace
+
+    return [replace(r, label=index[r.identity]) for r in records], identities
+
+
+def split_stats(records: Iterable[Record]) -> tuple[int, int, int]:
+    """(# identities, # images, # cameras) of a split; images count distinct (path, box) samples."""
+    recs = list(records)
+    ids = {r.identity for r in recs}
+    cams = {r.camera for r in recs if r.camera >= 0}
+    return len(ids), len(recs), len(cams)
+
+
+def stats_table(splits: Mapping[str, Sequence[Record]], title: str = "") -> str:
+    """The seed's statistics table: subset | # ids | # images | # cameras."""
+    rule = "  " + "-" * 40
+    lines = [f"=> {title} loaded" if title else "", "Dataset statistics:", rule]
+    lines.append("  subset   | # ids | # images | # cameras")
+    lines.append(rule)
+    for name, recs in splits.items():
+        n_ids, n_img, n_cam = split_stats(recs)
+        lines.append(f"  {name:<8} | {n_ids:5d} | {n_img:8d} | {n_cam:9d}")
+    lines.append(rule)
+    return "\n".join(line for line in lines if line or title)
