@@ -1,0 +1,199 @@
+"""``python -m datasets.prepare --config NAME [overrides]``: records -> ROI crops -> tar shards + manifest.json.
+
+Crops run in a process pool but are written in record order, so re-running on the same input gives
+byte-identical shards. The old manifest is removed first and the new one written last (atomically), so an
+interrupted run never leaves a manifest that points at partial shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from configs import PrepareConfig, load_config
+from datasets.crop import CropError, CropSettings, crop_record
+from datasets.records import Record, stats_table
+from datasets.shards import FORMAT_VERSION, MANIFEST, ShardSink, remove_stale, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ALWAYS_SKIPPED = ("too_small",)
+"""reasons skipped whatever ``skip_bad`` says (``min_size`` is a filter, not an error)"""
+
+
+def _crop_job(job: tuple[Record, CropSettings, int, int]) -> tuple:
+    record, settings, views, position = job
+    try:
+        return ("ok", crop_record(record, settings, views, position))
+    except CropError as exc:  # returned, not raised: custom exceptions do not cross the pool cleanly
+        return ("err", exc.reason, exc.detail, str(exc))
+
+
+def _crops(jobs: list[tuple], workers: int) -> Iterator[tuple]:
+    """Crop results in job order, from a pool when ``workers > 1``."""
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_crop_job, jobs)
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_crop_job, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8))))
+
+
+def _json_safe(meta: Mapping) -> dict:
+    return json.loads(json.dumps(dict(meta), default=str, sort_keys=True))
+
+
+def _classes(records: Sequence[Record]) -> list[dict]:
+    """Class table of a split: indexed by label when the split has labels, else one entry per identity."""
+    names = {r.identity: r.name for r in records}
+    by_label = {r.label: r.identity for r in records if r.label >= 0}
+    if by_label:
+        return [
+            {"label": lab, "identity": by_label.get(lab, -1), "name": names.get(by_label.get(lab), "")}
+            for lab in range(max(by_label) + 1)
+        ]
+    return [{"label": -1, "identity": pid, "name": names[pid]} for pid in sorted(names)]
+
+
+def write_split(
+    out_dir: Path, split: str, records: Sequence[Record], prepare: PrepareConfig, root: str, views: int, progress: bool
+) -> dict:
+    """Crop and shard one split; return its manifest entry."""
+    if not records:
+        raise ValueError(f"split {split!r} has no records: nothing to write (check the reader's root and split names)")
+    settings = CropSettings(root, prepare.padding, prepare.min_size, prepare.max_side, prepare.quality)
+    jobs = [(r, settings, views, pos) for pos, r in enumerate(records)]
+    sink, labels, counts, skipped = ShardSink(out_dir, split, prepare.shard_size), [], Counter(), []
+    bar = tqdm(total=len(jobs), desc=f"prepare {split}", unit="rec", disable=not progress)
+    for record, result in zip(records, _crops(jobs, prepare.workers)):
+        bar.update()
+        if result[0] == "err":
+            _, reason, detail, message = result
+            if not (prepare.skip_bad or reason in ALWAYS_SKIPPED):
+                raise ValueError(f"{split}: {message} (set data.prepare.skip_bad=true to skip and count such records)")
+            skipped.append(
+                {
+                    "file": record.path,
+                    "identity": record.identity,
+                    "box": record.box,
+                    "reason": reason,
+                    "detail": detail,
+                }
+            )
+            continue
+        for crop in result[1]:
+            meta = {
+                "label": record.label,
+                "identity": record.identity,
+                "camera": record.camera,
+                "source": record.path,
+                "box": crop["box"],
+                "crop_box": crop["crop_box"],
+                "split": split,
+                "view": crop["view"],
+                "index": sink.count,
+                "name": record.name,
+                "meta": _json_safe(record.meta),
+            }
+            sink.write(crop["jpg"], meta)
+            labels.append(record.label)
+            counts[str(record.identity)] += 1
+    bar.close()
+    shards = sink.close()
+    if not shards:
+        raise ValueError(f"split {split!r}: all {len(records)} records were skipped ({_reasons(skipped)})")
+    classes = _classes(records)
+    return {
+        "count": sink.count,
+        "num_classes": len(classes),
+        "classes": classes,
+        "class_counts": dict(counts),
+        "labels": labels,
+        "shards": shards,
+        "skipped": skipped,
+        "records": len(records),
+    }
+
+
+def _reasons(skipped: list[dict]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(Counter(s["reason"] for s in skipped).items())) or "none"
+
+
+def prepare_shards(
+    splits: Mapping[str, Sequence[Record]],
+    out_dir: str | Path,
+    prepare: PrepareConfig,
+    root: str = "",
+    gallery_split: str = "gallery",
+    progress: bool = True,
+) -> dict:
+    """Write every split of ``splits`` into ``out_dir`` and return the manifest (also written, last)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, recs in splits.items():
+        if not recs:
+            raise ValueError(
+                f"split {name!r} has no records: nothing to write (check the reader's root and split names)"
+            )
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is complete
+    entries = {}
+    for name, recs in splits.items():
+        views = prepare.gallery_views if name == gallery_split else 0
+        entries[name] = write_split(out, name, recs, prepare, root, views, progress)
+    keep = {s["file"] for e in entries.values() for s in e["shards"]}
+    remove_stale(out, keep, list(entries))
+    settings = dict(dataclasses.asdict(prepare), root=root, gallery_split=gallery_split)
+    manifest = {"version": FORMAT_VERSION, "settings": settings, "splits": entries}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    """Per-split table of what was written and skipped, plus the first skipped files."""
+    lines = ["  split    | records | samples | shards | classes | skipped (reasons)"]
+    for name, e in manifest["splits"].items():
+        lines.append(
+            f"  {name:<8} | {e['records']:7d} | {e['count']:7d} | {len(e['shards']):6d} | {e['num_classes']:7d} | "
+            f"{len(e['skipped'])} ({_reasons(e['skipped'])})"
+        )
+    for name, e in manifest["splits"].items():
+        for s in e["skipped"][:20]:
+            lines.append(f"  skipped {name}: {s['file']} [{s['reason']}] {s['detail']}")
+        if len(e["skipped"]) > 20:
+            lines.append(f"  ... and {len(e['skipped']) - 20} more skipped in {name} (listed in the manifest)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point; returns the manifest."""
+    parser = argparse.ArgumentParser(prog="python -m datasets.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment config name (configs/NAME.py)")
+    parser.add_argument("--splits", default="", help="comma-separated splits to write (default: train,query,gallery)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, overrides)
+    from datasets.readers import read_records  # [A]'s module; imported late so the writer works without it
+
+    records = read_records(cfg.data)
+    d = cfg.data
+    wanted = [s for s in args.splits.split(",") if s] or [d.train_split, d.query_split, d.gallery_split]
+    unknown = [s for s in wanted if s not in records]
+    if unknown:
+        raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
+    chosen = {s: records[s] for s in dict.fromkeys(wanted)}
+    print(stats_table(chosen, title=f"{d.reader} {d.root}"))
+    manifest = prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, not args.no_progress)
+    print(f"wrote {d.shards}/{MANIFEST}\n{summary(manifest)}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
