@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets.readers import finish_splits, list_images, log_skips, require_dir
 from datasets.records import Record, assign_labels
 
-NAME_RE = re.compile(r"^(?P<pid>-?\d+)C(?P<cam>\d)T(?P<tracklet>\d+)F(?P<frame>\d+)$")
+NAME_RE = re.compile(r"^(?P<pid>00-1|-?\d+)C(?P<cam>\d)T(?P<tracklet>\d+)F(?P<frame>\d+)$")
 JUNK, DISTRACTOR = -1, 0
 
 
@@ -25,7 +25,8 @@ def parse_name(path: Path) -> tuple[int, int, int, int]:
     match = NAME_RE.match(path.stem)
     if match is None or int(match["cam"]) < 1:
         raise ValueError(f"{path}: file name does not follow PPPPCcTttttFfff.jpg (MARS, camera >= 1)")
-    return int(match["pid"]), int(match["cam"]) - 1, int(match["tracklet"]), int(match["frame"])
+    pid = JUNK if match["pid"] == "00-1" else int(match["pid"])  # MARS writes junk as 00-1
+    return pid, int(match["cam"]) - 1, int(match["tracklet"]), int(match["frame"])
 
 
 def read_tree(folder: Path, split: str, skipped: dict[str, list[str]]) -> list[Record]:
@@ -34,8 +35,8 @@ def read_tree(folder: Path, split: str, skipped: dict[str, list[str]]) -> list[R
     for pid_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in list_images(pid_dir):
             pid, cam, tracklet, frame = parse_name(path)
-            if pid_dir.name.lstrip("0") != str(pid).lstrip("0"):
-                raise ValueError(f"{path}: pid {pid} in the file name does not match its folder {pid_dir.name}")
+            if not path.name.startswith(pid_dir.name + "C"):
+                raise ValueError(f"{path}: the pid in the file name does not match its folder {pid_dir.name}")
             if pid == JUNK:
                 skipped["junk (pid -1)"].append(path.name)
                 continue
