@@ -1,0 +1,73 @@
+"""Optimizers and per-iteration learning-rate schedules (linear warmup, then multistep or cosine)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from configs import OptimConfig, ScheduleConfig
+
+NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters that get no weight decay: biases, every norm layer's parameters, and other 0/1-d params."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, NO_DECAY_TYPES) or name.endswith("bias") or param.ndim <= 1:
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Four groups: backbone / head (neck, embedding, classifier) x decay / no decay."""
+    skip = no_decay_names(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_head = not name.startswith("backbone.")
+        groups.setdefault((is_head, name in skip), []).append(param)
+    out = []
+    for (is_head, no_decay), params in sorted(groups.items()):
+        lr = cfg.lr * (cfg.head_lr_mult if is_head else 1.0)
+        wd = 0.0 if no_decay else cfg.weight_decay
+        out.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{'head' if is_head else 'backbone'}"})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (momentum), Adam or AdamW over ``param_groups``."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"optim.name={cfg.name!r} is not valid; choose one of ['adam', 'adamw', 'sgd']")
+
+
+def lr_factor(step: int, cfg: ScheduleConfig, iters_per_epoch: int) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    warmup = cfg.warmup_epochs * iters_per_epoch
+    if step < warmup:
+        return cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / warmup
+    if cfg.kind == "multistep":
+        return cfg.gamma ** sum(step >= m * iters_per_epoch for m in cfg.milestones)
+    total = max(cfg.epochs * iters_per_epoch - warmup, 1)
+    progress = min((step - warmup) / total, 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration LambdaLR; call ``step()`` after every optimizer step."""
+    if iters_per_epoch < 1:
+        raise ValueError(f"iters_per_epoch={iters_per_epoch} must be >= 1")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, iters_per_epoch))
