@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if unknown:
         raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
     chosen = {s: records[s] for s in dict.fromkeys(wanted)}
-    print(stats_table(chosen, title=f"{d.reader} {d.root}"))
+    print(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
     manifest = prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, not args.no_progress)
     print(f"wrote {d.shards}/{MANIFEST}\n{summary(manifest)}")
     return manifest
