@@ -1,0 +1,111 @@
+"""The callable that submitit runs in every task: distributed env from submitit, then the trainer.
+
+It is ``Checkpointable``: on preemption or at the time limit the trainer writes its resumable state
+and exits, and the job is requeued with ``resume="auto"`` so it continues from that state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from configs import ExperimentConfig, save_config
+
+log = logging.getLogger(__name__)
+
+
+def trainer_module(cfg: ExperimentConfig | None) -> str:
+    """Module whose ``run`` trains the config: ``trainers.<cfg.trainer>``; mmengine configs -> detection."""
+    return "trainers.detection" if cfg is None else f"trainers.{cfg.trainer}"
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Run ``<trainer>.run(...)`` in a submitit task with the job folder as the run directory.
+
+    ``cfg`` is the resolved dataclass config, or None for an mmengine (detection) config, which is then
+    named by ``config_name`` and adjusted by ``options`` (``key=value`` strings, mmengine cfg-options).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig | None,
+        config_name: str,
+        trainer: str,
+        use_gpu: bool,
+        cpus_per_task: int = 1,
+        options: tuple[str, ...] = (),
+        resume: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.config_name = config_name
+        self.trainer = trainer
+        self.use_gpu = use_gpu
+        self.cpus_per_task = cpus_per_task
+        self.options = tuple(options)
+        self.resume = resume
+
+    def __call__(self) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        env = submitit.JobEnvironment()
+        dist = submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=self.use_gpu, overwrite=True
+        )
+        if not self.use_gpu:
+            # Accelerate only builds a multi-process CPU (gloo) state when told it is on CPU.
+            os.environ["ACCELERATE_USE_CPU"] = "1"
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))
+        run_dir = Path(env.paths.folder).resolve()
+        log.info(
+            "task rank %d/%d (local %d) on %s, master %s:%d, run dir %s, resume=%s",
+            dist.rank, dist.world_size, dist.local_rank, env.hostname, dist.master_addr, dist.master_port,
+            run_dir, self.resume,
+        )  # fmt: skip
+        if dist.rank == 0 and self.cfg is not None:
+            save_config(self.cfg, run_dir / "config.json")
+        sig = submitit.JobEnvironment._usr_sig()
+        submitit_handler = signal.getsignal(sig)  # checkpoint() + requeue + exit on rank 0
+        self._requeued = False
+
+        def requeue(signum: int, frame: Any) -> None:
+            self._requeued = True
+            submitit_handler(signum, frame)
+
+        signal.signal(sig, requeue)  # still submitit's behaviour when the trainer does not catch the signal
+        try:
+            return self._run_trainer(run_dir)
+        except SystemExit:
+            # The trainer caught the signal, saved its state at a step boundary and exited: requeue now.
+            if dist.rank == 0 and not self._requeued:
+                log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
+                requeue(sig, None)
+            raise
+
+    def _run_trainer(self, run_dir: Path) -> Any:
+        module = importlib.import_module(self.trainer)
+        if self.cfg is None:
+            return module.run(
+                self.config_name, run_dir=str(run_dir), resume=self.resume is not None, cfg_options=self._options()
+            )
+        return module.run(self.cfg, run_dir=str(run_dir), resume=self.resume)
+
+    def _options(self) -> dict[str, str] | None:
+        pairs = dict(option.split("=", 1) for option in self.options)
+        return pairs or None
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption / time limit: requeue the same job resuming from its state."""
+        resumed = TrainJob(
+            self.cfg, self.config_name, self.trainer, self.use_gpu, self.cpus_per_task, self.options, resume="auto"
+        )
+        return submitit.helpers.DelayedSubmission(resumed)
+
+    def describe(self) -> str:
+        """The call each task makes, for ``--dry-run``."""
+        cfg = f"configs.{self.config_name}" if self.cfg is None else f"load_config({self.config_name!r}, ...)"
+        return f"{self.trainer}.run({cfg}, run_dir='<job folder>', resume={self.resume!r})"

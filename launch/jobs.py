@@ -1,0 +1,165 @@
+"""Submitted jobs: the record in each job folder, status, cancel, and waiting with a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from configs import LaunchConfig
+
+RECORD = "launch.json"
+POLL_S = 2.0
+
+
+def write_record(job: submitit.Job, cluster: str, config: str, launch: LaunchConfig) -> Path:
+    """Write ``launch.json`` in the job folder: what --status / --cancel need to find the job again."""
+    folder = Path(job.paths.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "job_id": str(job.job_id),
+        "cluster": cluster,
+        "config": config,
+        "num_tasks": job.num_tasks,
+        "time_min": launch.time_min,
+        "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = folder / RECORD
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def find_record(job_id: str, runs: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(job folder, record) of ``job_id`` under ``runs/*/JOBID``, or None."""
+    for path in sorted(Path(runs).glob(f"*/{job_id}/{RECORD}")):
+        return path.parent, json.loads(path.read_text())
+    return None
+
+
+def load_job(job_id: str, runs: str | Path) -> tuple[submitit.Job, str]:
+    """The submitit job for ``job_id`` and its cluster; jobs without a folder are looked up in SLURM."""
+    found = find_record(job_id, runs)
+    if found is None:
+        if not submitit.SlurmExecutor.affinity() > 0:
+            raise ValueError(f"no job folder {Path(runs) / '*' / str(job_id)} (with {RECORD}) and no SLURM here")
+        return submitit.SlurmJob(folder=Path(runs) / "unknown" / "%j", job_id=str(job_id)), "slurm"
+    folder, record = found
+    tasks = list(range(record["num_tasks"]))
+    if record["cluster"] == "slurm":
+        return submitit.SlurmJob(folder=folder, job_id=str(job_id), tasks=tasks), "slurm"
+    return submitit.local.local.LocalJob(folder=folder, job_id=str(job_id), tasks=tasks), "local"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def job_state(job: submitit.Job, cluster: str) -> str:
+    """SLURM's state (through sacct), or for a local job: RUNNING / FINISHED / FAILED / CANCELLED / DIED."""
+    if cluster == "slurm":
+        return job.watcher.get_state(job.job_id, mode="force")
+    record_path = Path(job.paths.folder) / RECORD
+    if record_path.is_file() and json.loads(record_path.read_text()).get("cancelled"):
+        return "CANCELLED"
+    if job.paths.result_pickle.exists():
+        return "FINISHED" if _outcome(job)[0] == "success" else "FAILED"
+    return "RUNNING" if _pid_alive(int(job.job_id)) else "DIED"
+
+
+def _outcome(job: submitit.Job) -> tuple[str, Any]:
+    """("success", result) or ("error", traceback text) from rank 0's result file."""
+    return submitit.core.utils.pickle_load(job.paths.result_pickle)
+
+
+def print_status(job_id: str, runs: str | Path) -> int:
+    job, cluster = load_job(job_id, runs)
+    state = job_state(job, cluster)
+    print(f"job {job_id} ({cluster}): {state}")
+    print(f"  folder: {job.paths.folder}")
+    print(f"  log:    {job.paths.stdout} {job.paths.stderr}")
+    if job.paths.result_pickle.exists():
+        kind, value = _outcome(job)
+        print(f"  result: {format_result(value) if kind == 'success' else value.strip().splitlines()[-1]}")
+    return 0
+
+
+def cancel(job_id: str, runs: str | Path, deadline_s: float = 60.0) -> int:
+    """Cancel the job and wait (with a deadline) until it is no longer running."""
+    job, cluster = load_job(job_id, runs)
+    if cluster == "slurm":
+        job.cancel(check=True)
+    else:
+        pid = int(job.job_id)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGINT)  # the local controller stops its tasks on SIGINT
+        record_path = Path(job.paths.folder) / RECORD
+        record = json.loads(record_path.read_text())
+        record["cancelled"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    end = time.monotonic() + deadline_s
+    state = job_state(job, cluster)
+    while _active(state, cluster, job) and time.monotonic() < end:
+        time.sleep(POLL_S)
+        state = job_state(job, cluster)
+    print(f"job {job_id} ({cluster}): cancel requested; state now {state}")
+    return 0 if not _active(state, cluster, job) else 1
+
+
+def _active(state: str, cluster: str, job: submitit.Job) -> bool:
+    if cluster == "local":
+        return _pid_alive(int(job.job_id))
+    return state.split()[0] in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def record_wait_s(job: submitit.Job) -> float:
+    """Default wait for a local job: its time limit plus two minutes."""
+    record = json.loads((Path(job.paths.folder) / RECORD).read_text())
+    return 60.0 * record["time_min"] + 120.0
+
+
+def wait_done(job: submitit.Job, deadline_s: float, poll_s: float = POLL_S) -> bool:
+    """Poll ``job.done()`` until it is done or ``deadline_s`` passed (never ``job.result()`` blindly)."""
+    end = time.monotonic() + deadline_s
+    while not job.done(force_check=True):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def wait_and_report(job: submitit.Job, deadline_s: float) -> int:
+    """Wait for the job with a deadline and print its result; 0 on success."""
+    if not wait_done(job, deadline_s):
+        print(f"job {job.job_id} still running after {deadline_s:.0f} s; it goes on (see the commands above)")
+        return 0
+    try:
+        result = job.results()[0]  # rank 0's
+    except (FailedJobError, UncompletedJobError) as exc:
+        print(f"job {job.job_id} failed:\n{exc}")
+        return 1
+    print(f"job {job.job_id} finished: {format_result(result)}")
+    return 0
+
+
+def format_result(result: Any) -> str:
+    if isinstance(result, dict):
+        return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    return repr(result)
+
+
+def sbatch_error(exc: Exception) -> str:
+    """The useful lines of a failed sbatch call (SLURM's own message)."""
+    lines = [line for line in str(exc).splitlines() if "error" in line.lower()]
+    return "\n".join(lines) if lines else str(exc)

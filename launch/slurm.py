@@ -1,0 +1,133 @@
+"""Launch a config's trainer through submitit, on SLURM or locally; follow, query and cancel jobs.
+
+``python launch/slurm.py --config NAME [--cluster auto|slurm|local] [--dry-run] [--wait S] [overrides]``,
+``python launch/slurm.py --status JOBID`` and ``python launch/slurm.py --cancel JOBID``.
+"""
+
+# ruff: noqa: E402  (the repository root goes on sys.path before the project imports when run as a script)
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import submitit
+
+from configs import ExperimentConfig, LaunchConfig, apply_overrides, config_kind, load_config, parse_overrides
+from launch import jobs
+from launch.executor import make_executor, resolve_cluster, sbatch_script, tasks_per_node
+from launch.job import TrainJob, trainer_module
+
+log = logging.getLogger("launch")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_spec(name: str, overrides: list[str]) -> tuple[ExperimentConfig | None, LaunchConfig, tuple[str, ...]]:
+    """(dataclass config or None, launch section, mmengine cfg-options) for config ``name``.
+
+    mmengine (detection) configs have no launch section: ``launch.*`` overrides go to a default
+    ``LaunchConfig`` and the other ``key=value`` overrides become mmengine cfg-options.
+    """
+    if config_kind(name) == "dataclass":
+        cfg = load_config(name, overrides)
+        return cfg, cfg.launch, ()
+    pairs = parse_overrides(overrides)
+    launch = apply_overrides(LaunchConfig(), [(k[len("launch.") :], v) for k, v in pairs if k.startswith("launch.")])
+    options = tuple(f"{k}={v}" for k, v in pairs if not k.startswith("launch."))
+    return None, launch, options
+
+
+def submit(
+    name: str,
+    overrides: list[str],
+    cluster: str | None = None,
+    dry_run: bool = False,
+    trainer: str | None = None,
+) -> submitit.Job | None:
+    """Submit config ``name``; returns the job (None for a dry run). ``trainer`` overrides the module."""
+    cfg, launch, options = job_spec(name, overrides)
+    cluster = resolve_cluster(cluster or launch.cluster)
+    job_name = cfg.name if cfg is not None else name
+    output_dir = Path(cfg.output_dir if cfg is not None else "runs").resolve()
+    folder = output_dir / job_name / "%j"
+    task = TrainJob(cfg, name, trainer or trainer_module(cfg), launch.gpus_per_node > 0, launch.cpus_per_task, options)
+    if dry_run:
+        print_dry_run(task, launch, cluster, folder, job_name)
+        return None
+    # the tasks import this repository (also when it is not pip-installed)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    executor = make_executor(cluster, launch, folder, job_name)
+    try:
+        job = executor.submit(task)
+    except submitit.core.utils.FailedJobError as exc:
+        raise RuntimeError(f"SLURM rejected the job ({cluster} executor):\n{jobs.sbatch_error(exc)}") from None
+    jobs.write_record(job, cluster, name, launch)
+    return job
+
+
+def print_dry_run(task: TrainJob, launch: LaunchConfig, cluster: str, folder: Path, job_name: str) -> None:
+    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    ntasks = tasks_per_node(launch) * launch.nodes
+    print(f"# dry run: nothing submitted; cluster={cluster}; job folder {folder} (%j = job id)")
+    print("# sbatch script (what SLURM receives):")
+    print(sbatch_script(launch, folder, job_name, command))
+    print(f"# each of the {ntasks} task(s) runs: {command}")
+    print(f"#   which calls: {task.describe()}")
+
+
+def print_follow(job: submitit.Job, cluster: str) -> None:
+    folder = Path(job.paths.folder)
+    me = "python launch/slurm.py" if Path.cwd().resolve() == REPO else f"python {Path(__file__).resolve()}"
+    queue = f"squeue -j {job.job_id}" if cluster == "slurm" else f"{me} --status {job.job_id}"
+    print(f"submitted job {job.job_id} ({cluster}, {job.num_tasks} task(s)) -> {folder}")
+    print(f"  log:         tail -f {job.paths.stdout} {job.paths.stderr}")
+    print(f"  queue:       {queue}")
+    print(f"  tensorboard: tensorboard --logdir {folder / 'tb'} --host 127.0.0.1")
+    print(f"  status:      {me} --status {job.job_id}")
+    print(f"  cancel:      {me} --cancel {job.job_id}")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment config name (configs/NAME.py)")
+    parser.add_argument("--cluster", choices=("auto", "slurm", "local"), help="default: the config's launch.cluster")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and command; submit nothing")
+    parser.add_argument(
+        "--wait", type=float, default=None,
+        help="seconds to wait for the result (default: the time limit + 2 min for local jobs, 0 on SLURM)",
+    )  # fmt: skip
+    parser.add_argument("--status", metavar="JOBID", help="print the state (and result) of a job")
+    parser.add_argument("--cancel", metavar="JOBID", help="cancel a job")
+    parser.add_argument("--runs", default="runs", help="run root where --status/--cancel look for job folders")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, overrides = parse_args(argv)
+    try:
+        if args.status or args.cancel:
+            if overrides or args.config:
+                raise ValueError("--status/--cancel take a job id only (and --runs DIR)")
+            return jobs.print_status(args.status, args.runs) if args.status else jobs.cancel(args.cancel, args.runs)
+        if not args.config:
+            raise ValueError("--config NAME is required (or --status/--cancel JOBID)")
+        job = submit(args.config, overrides, cluster=args.cluster, dry_run=args.dry_run)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if job is None:
+        return 0
+    cluster = "slurm" if isinstance(job, submitit.SlurmJob) else "local"
+    print_follow(job, cluster)
+    wait = args.wait if args.wait is not None else (0.0 if cluster == "slurm" else jobs.record_wait_s(job))
+    return jobs.wait_and_report(job, wait) if wait > 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
