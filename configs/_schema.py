@@ -290,6 +290,8 @@ class EvalConfig:
 
     every: int = 1
     """evaluate every N epochs (0 = only at the end)"""
+    enabled: bool = True
+    """evaluate during and after training (false = train only, e.g. without query/gallery shards)"""
     protocol: str = "reid"
     """reid (Market-1501 camera rule) or retail (no camera rule)"""
     flip: bool = False
