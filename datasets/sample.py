@@ -311,13 +311,16 @@ def ensure_sample(root: str | Path, seed: int = DEFAULT_SEED, force: bool = Fals
         counts = generate(tmp, seed)
         info = {"seed": seed, "version": VERSION, "counts": counts, "files": file_hashes(tmp)}
         (tmp / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True))  # written last
+        done = marker_info(root)
+        if done and done.get("seed") == seed and done.get("version") == VERSION and not force:
+            return root  # another process (rank) finished first: keep its identical set, drop ours
         if root.exists():
             old = root.parent / f".{root.name}.old-{os.getpid()}"
             os.rename(root, old)
             shutil.rmtree(old)
         try:
             os.rename(tmp, root)
-        except OSError:  # another process finished first: keep its (identical) set
+        except OSError:  # another process renamed its set into place in between
             if marker_info(root) is None:
                 raise
     finally:
