@@ -1,0 +1,238 @@
+"""Detector training on mmengine/mmdetection: ``python trainers/detection.py --config det_demo [--resume]``.
+
+Loads an mmengine config from ``configs/``, resolves its data settings (``data_root``, ``class_agnostic``,
+classes from the annotation files), and trains with ``Runner.from_cfg``: TensorBoard, CocoMetric (bbox mAP,
+AP50) at each evaluation, the best checkpoint kept and exported as ``mAPxx.x.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from trainers import mmcv_ext  # noqa: E402
+
+mmcv_ext.install()  # before anything imports mmcv.ops
+
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.hooks import Hook  # noqa: E402
+from mmengine.runner import CheckpointLoader, Runner  # noqa: E402
+
+from trainers.detection_data import DetrCocoDataset, category_names  # noqa: E402
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+_TRUSTED_DIRS: set[Path] = set()
+
+
+def _load_local_checkpoint(filename: str, map_location=None):
+    """mmengine's local checkpoint loader with an explicit ``weights_only`` choice.
+
+    torch >= 2.6 loads weights-only by default and then refuses mmengine's resumable checkpoints (they pickle
+    its HistoryBuffer and numpy state). Full unpickling runs arbitrary code, so it is allowed ONLY for files
+    under a run directory this process trains in (checkpoints it wrote itself); every other file (``load_from``
+    pretrained weights, someone else's checkpoint) loads weights-only.
+    """
+    path = Path(filename).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    ours = any(path.is_relative_to(d) for d in _TRUSTED_DIRS)
+    return torch.load(path, map_location=map_location, weights_only=not ours)
+
+
+CheckpointLoader.register_scheme(prefixes="", loader=_load_local_checkpoint, force=True)
+
+
+def load_det_config(name_or_path: str | os.PathLike, cfg_options: dict | None = None) -> Config:
+    """The mmengine config ``configs/NAME.py`` (or a file path) with ``--cfg-options`` merged in."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        from configs import config_kind, config_path
+
+        path = config_path(str(name_or_path))
+        if config_kind(str(name_or_path)) != "mmengine":
+            raise ValueError(f"config {name_or_path!r} is a dataclass config; use trainers/retrieval.py for it")
+    cfg = Config.fromfile(str(path))
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def _datasets(node):
+    """Every dataset dict under a dataset config (through ConcatDataset / RepeatDataset / MultiImageMix wrappers)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _datasets(item)
+    elif isinstance(node, dict):
+        children = node.get("datasets", node.get("dataset"))
+        if children is None:
+            yield node
+        else:
+            yield from _datasets(children)
+
+
+def _set_num_classes(node, n: int) -> int:
+    """Set every ``num_classes`` key in the model config; returns how many were set."""
+    count = 0
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "num_classes":
+                node[key] = n
+                count += 1
+            else:
+                count += _set_num_classes(value, n)
+    elif isinstance(node, list):
+        count += sum(_set_num_classes(v, n) for v in node)
+    return count
+
+
+def _resolve_root(data_root: str) -> str:
+    """A relative ``data_root`` is taken from the working directory when it exists there, else from the repo."""
+    root = Path(data_root)
+    if not root.is_absolute() and not root.exists():
+        root = REPO / root
+    return str(root) + os.sep
+
+
+def resolve_data(cfg: Config) -> list[str]:
+    """Copy ``data_root`` / ``class_agnostic`` into every dataset, set heads' ``num_classes``; returns the classes."""
+    data_root = _resolve_root(cfg.get("data_root", ""))
+    if cfg.get("make_sample") and not Path(data_root, "query.json").is_file():
+        from datasets.sample import ensure_sample
+
+        log.info("generating the retail sample under %s", data_root)
+        ensure_sample(data_root)
+    agnostic = bool(cfg.get("class_agnostic", False))
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        if cfg.get(loader) is None:
+            continue
+        for ds in _datasets(cfg[loader]["dataset"]):
+            ds["data_root"] = data_root
+            if ds.get("type") == "DetrCocoDataset":
+                ds["class_agnostic"] = agnostic
+    train = [ds for ds in _datasets(cfg.train_dataloader["dataset"]) if ds.get("type") == "DetrCocoDataset"]
+    if agnostic:
+        classes = ["object"]
+    elif train and train[0].get("metainfo", {}).get("classes"):
+        classes = list(train[0]["metainfo"]["classes"])
+    elif train:
+        classes = list(category_names(Path(data_root, train[0]["ann_file"])))
+    else:
+        return []
+    if _set_num_classes(cfg.model, len(classes)):
+        log.info("%d class(es)%s: %s", len(classes), " (class-agnostic)" if agnostic else "", ", ".join(classes[:10]))
+    cfg.num_classes = len(classes)
+    return classes
+
+
+class _MetricsRecorder(Hook):
+    """Keeps the metrics of the latest evaluation (what ``run`` returns)."""
+
+    priority = "LOWEST"
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self.metrics = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _default_run_dir(name: str, resume: bool) -> Path:
+    base = REPO / "runs" / name
+    if resume:
+        candidates = sorted(p for p in base.glob("*") if (p / "last_checkpoint").is_file())
+        if not candidates:
+            raise FileNotFoundError(f"--resume: no run with a checkpoint under {base}; pass --work-dir")
+        return candidates[-1]
+    return base / (os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d_%H%M%S"))
+
+
+def _export_best(runner: Runner, run_dir: Path) -> Path | None:
+    """Write the best checkpoint's weights as ``mAPxx.x.pth`` (the seed's name for best weights)."""
+    best = runner.message_hub.get_info("best_ckpt")
+    score = runner.message_hub.get_info("best_score")
+    if not best or score is None or not Path(best).is_file():
+        return None
+    state = _load_local_checkpoint(best, map_location="cpu")
+    out = run_dir / f"mAP{100 * float(score):.1f}.pth"
+    torch.save({"state_dict": state["state_dict"], "meta": {"best_score": float(score), "source": best}}, out)
+    log.info("best weights (bbox mAP %.3f) -> %s", score, out)
+    return out
+
+
+def run(
+    cfg_name_or_path: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    cfg_options: dict | None = None,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Train (and evaluate) a detector; returns the last evaluation's metrics plus ``best/coco/bbox_mAP``."""
+    cfg = load_det_config(cfg_name_or_path, cfg_options)
+    name = Path(str(cfg_name_or_path)).stem
+    run_dir = Path(run_dir) if run_dir else _default_run_dir(name, resume)
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _TRUSTED_DIRS.add(run_dir)
+    resolve_data(cfg)
+    cfg.work_dir = str(run_dir)
+    cfg.resume = bool(resume)
+    if resume:
+        cfg.load_from = None  # Runner then resumes from run_dir/last_checkpoint
+    if amp:  # the same switch as mmdet's tools/train.py --amp
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    for backend in cfg.get("visualizer", {}).get("vis_backends", []):
+        if backend.get("type") == "TensorboardVisBackend" and not backend.get("save_dir"):
+            backend["save_dir"] = str(run_dir / "tb")
+    runner = Runner.from_cfg(cfg)
+    recorder = _MetricsRecorder()
+    runner.register_hook(recorder)
+    runner.train()
+    metrics = dict(recorder.metrics)
+    best = runner.message_hub.get_info("best_score")
+    if best is not None:
+        metrics["best/coco/bbox_mAP"] = float(best)
+    _export_best(runner, run_dir)
+    return metrics
+
+
+def parse_cfg_options(pairs: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> mmengine's typed dict (what ``--cfg-options`` gives the Runner)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    return parser.parse_args(["--cfg-options", *pairs]).cfg_options if pairs else {}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Train a detector (mmengine Runner) from configs/NAME.py")
+    parser.add_argument("--config", required=True, help="config name in configs/ (det_*) or a config file")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, help="key=value overrides")
+    parser.add_argument("--resume", action="store_true", help="resume the newest run (or --work-dir)")
+    parser.add_argument("--work-dir", default=None, help="run directory (default runs/NAME/<job id or time>)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper)")
+    parser.add_argument("--launcher", default="none", choices=["none", "pytorch", "slurm"], help="distributed launch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = dict(args.cfg_options)
+    if args.launcher != "none":
+        options["launcher"] = args.launcher
+    metrics = run(args.config, run_dir=args.work_dir, resume=args.resume, cfg_options=options, amp=args.amp)
+    for key, value in sorted(metrics.items()):
+        print(f"{key}\t{value:.4f}")
+    return metrics
+
+
+__all__ = ["DetrCocoDataset", "load_det_config", "main", "resolve_data", "run"]
+
+if __name__ == "__main__":
+    main()
