@@ -66,8 +66,8 @@ class ShardSink:
         if self._writer is None:
             tmp = self.out_dir / (shard_name(self.split, len(self.shards)) + ".tmp")
             self._file = open(tmp, "wb")  # noqa: SIM115 - closed in _close_shard
-            # fixed owner, mode and mtime: re-running on the same input gives byte-identical tars
-            self._writer = wds.TarWriter(self._file, user="detretr", group="detretr", mode=0o444, mtime=0.0)
+            # fixed owner, mode, int mtime (a float adds a PAX header per member): byte-identical tars on re-runs
+            self._writer = wds.TarWriter(self._file, user="detretr", group="detretr", mode=0o444, mtime=0)
         body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         self._writer.write({"__key__": sample_key(self.split, meta["index"]), "jpg": jpg, "json": body})
         self.count += 1

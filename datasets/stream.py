@@ -127,9 +127,16 @@ class TrainLoader:
 
 
 def _join(parts: list[dict]) -> dict:
-    """Concatenate the workers' parts of one batch and restore plan order."""
-    order = torch.argsort(torch.cat([p["position"] for p in parts]))
-    return {k: torch.cat([p[k] for p in parts])[order] for k in ("image", *[k for k in META_KEYS if k != "index"])}
+    """Assemble the workers' parts of one batch in plan order (one copy per part)."""
+    keys = ("image", *[k for k in META_KEYS if k != "index"])
+    if len(parts) == 1:  # a single worker already yields the batch in plan order
+        return {k: parts[0][k] for k in keys}
+    size = sum(len(p["position"]) for p in parts)
+    out = {k: parts[0][k].new_empty((size, *parts[0][k].shape[1:])) for k in keys}
+    for p in parts:
+        for k in keys:
+            out[k][p["position"]] = p[k]
+    return out
 
 
 def train_loader(cfg: ExperimentConfig, rank: int, world_size: int, epoch: int) -> TrainLoader:

@@ -1,0 +1,182 @@
+"""Training-stream throughput vs a map-style folder DataLoader and the in-memory decode+augment ceiling.
+
+For each set (256x128 person crops from mars_mini, 224x224 product crops from grocery_store) the crops are
+written once as shards (``datasets.prepare``) and as a folder of the same JPEG files; then, in one run and
+alternating, it times (s) the training stream (``datasets.stream.train_loader``), (a) a map-style folder
+dataset with the same decode + transforms through a torch DataLoader, and (b) the same decode + transforms
+in a tight single-process loop over the same JPEG bytes held in memory. Prints a markdown table.
+
+    python bench/bench_stream.py [--workers 1 2] [--repeats 3] [--limit 1600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+import webdataset
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import load_config  # noqa: E402
+from datasets.prepare import prepare_shards  # noqa: E402
+from datasets.records import Record, assign_labels  # noqa: E402
+from datasets.shards import iter_shard, read_manifest  # noqa: E402
+from datasets.stream import train_loader  # noqa: E402
+from datasets.transforms import decode, train_transform  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def person_records(limit: int) -> list[Record]:
+    """mars_mini bbox_train: folder name = person id, camera from the file name (PPPPCc...)."""
+    files = sorted((SHARED / "mars_mini" / "bbox_train").glob("*/*.jpg"))
+    files = files[:: max(1, len(files) // limit)][:limit]  # spread over all 16 identities
+    return [Record(path=str(p), identity=int(p.parent.name), camera=int(p.name[5]), split="train") for p in files]
+
+
+def product_records(limit: int) -> list[Record]:
+    """grocery_store train list: path, fine class id."""
+    root = SHARED / "grocery_store" / "dataset"
+    lines = [ln.split(",") for ln in (root / "train.txt").read_text().splitlines() if ln.strip()]
+    step = max(1, len(lines) // limit)  # spread over all classes
+    return [Record(path=str(root / p.strip()), identity=int(c), split="train") for p, c, _ in lines[::step][:limit]]
+
+
+class FolderDataset(Dataset):
+    """What reid-strong-baseline does: a list of (file, label); read, decode and transform per item."""
+
+    def __init__(self, items: list[tuple[Path, int]], transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return self.transform(decode(path.read_bytes())), label
+
+
+def export_folder(shards: Path, out: Path) -> list[tuple[Path, int]]:
+    """Write the shard crops as plain files (same JPEG bytes) for the folder baseline."""
+    items = []
+    for shard in read_manifest(shards)["splits"]["train"]["shards"]:
+        for sample in iter_shard(shards, shard):
+            meta = json.loads(sample["json"])
+            path = out / str(meta["label"]) / f"{meta['index']:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(sample["jpg"])
+            items.append((path, meta["label"]))
+    return items
+
+
+def time_stream(cfg, workers: int, epoch: int) -> tuple[int, float]:
+    cfg.data.num_workers = workers
+    start = time.perf_counter()
+    n = sum(len(b["label"]) for b in train_loader(cfg, 0, 1, epoch))
+    return n, time.perf_counter() - start
+
+
+def time_folder(items, cfg, workers: int) -> tuple[int, float]:
+    loader = DataLoader(
+        FolderDataset(items, train_transform(cfg)),
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+    )
+    start = time.perf_counter()
+    n = sum(len(labels) for _, labels in loader)
+    return n, time.perf_counter() - start
+
+
+def time_ceiling(blobs: list[bytes], cfg) -> tuple[int, float]:
+    transform = train_transform(cfg)
+    start = time.perf_counter()
+    for blob in blobs:
+        transform(decode(blob))
+    return len(blobs), time.perf_counter() - start
+
+
+def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *overrides: str) -> list[dict]:
+    cfg = load_config(config, [f"data.shards={tmp / name}", "train.seed=0", *overrides])
+    records, _ = assign_labels(records)
+    prep = cfg.data.prepare
+    prep.max_side, prep.shard_size, prep.workers, prep.gallery_views = 0, 200, 2, 0
+    prepare_shards({"train": records}, tmp / name, prep, progress=False)
+    items = export_folder(tmp / name, tmp / f"{name}_folder")
+    blobs = [p.read_bytes() for p, _ in items]
+    torch.set_num_threads(1)  # DataLoader workers run single-threaded too
+    rates: dict[str, list[float]] = {}
+    for rep in range(args.repeats):
+        n, dt = time_ceiling(blobs, cfg)
+        rates.setdefault("ceiling", []).append(n / dt)
+        for w in args.workers:
+            n, dt = time_stream(cfg, w, epoch=rep)
+            rates.setdefault(f"stream{w}", []).append(n / dt / w)
+            n, dt = time_folder(items, cfg, w)
+            rates.setdefault(f"folder{w}", []).append(n / dt / w)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    rows = []
+    for w in args.workers:
+        s, f, c = med[f"stream{w}"], med[f"folder{w}"], med["ceiling"]
+        rows.append(
+            {
+                "set": name,
+                "size": f"{cfg.data.height}x{cfg.data.width}",
+                "sampler": cfg.data.sampler,
+                "images": len(items),
+                "workers": w,
+                "stream": s,
+                "folder": f,
+                "ceiling": c,
+                "stream/ceiling": s / c,
+                "stream/folder": s / f,
+            }
+        )
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    # mars_mini has 16 training identities: P x K = 8 x 4 (the recipe's 16 x 4 would need every id in every batch)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers per rank")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
+    parser.add_argument("--limit", type=int, default=1600, help="images per set")
+    args = parser.parse_args(argv)
+    if not SHARED.is_dir():
+        raise SystemExit(f"benchmark data {SHARED} is absent")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += bench_set("mars_mini", "reid_r50ibn", person_records(args.limit), args, Path(tmp), "data.batch_size=32")
+        rows += bench_set("grocery", "retr_swinb", product_records(args.limit), args, Path(tmp))
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"webdataset {webdataset.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch thread(s) in the ceiling loop"
+    )
+    print(
+        "| set | input | sampler | images | workers | stream img/s/worker | folder DataLoader img/s/worker "
+        "| in-memory ceiling img/s | stream / ceiling | stream / folder |"
+    )
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(
+            f"| {r['set']} | {r['size']} | {r['sampler']} | {r['images']} | {r['workers']} | {r['stream']:.0f} | "
+            f"{r['folder']:.0f} | {r['ceiling']:.0f} | {r['stream/ceiling']:.2f} | {r['stream/folder']:.2f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
