@@ -57,6 +57,13 @@ def load_job(job_id: str, runs: str | Path) -> tuple[submitit.Job, str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (an exited child that was not reaped yet, a zombie, does not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.is_dir():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

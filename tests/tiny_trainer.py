@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
-STEP_SLEEP_S = 0.1
+STEP_SLEEP_S = 0.05
 
 
 def _latest(ckpt_dir: Path) -> Path | None:

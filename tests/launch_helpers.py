@@ -1,0 +1,65 @@
+"""Helpers shared by the launcher tests: logged steps, preempting a job, waiting for files."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import submitit
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def logged_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
+    """Every step of ``tag`` in the run's TensorBoard event files, in file order (duplicates kept)."""
+    steps: list[int] = []
+    for path in sorted((run_dir / "tb").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [event.step for event in acc.Scalars(tag)]
+    return steps
+
+
+def wait_for(predicate, deadline_s: float, what: str, poll_s: float = 0.5) -> None:
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"waited {deadline_s:.0f} s for {what}")
+        time.sleep(poll_s)
+
+
+def preempt(job: submitit.Job) -> None:
+    """Preempt a job as SLURM does (SIGTERM then SIGUSR2 to every task); on SLURM also release the requeue.
+
+    submitit's LocalJob._interrupt signals the local controller, not the tasks, so local tasks (the
+    controller's children) are signalled directly.
+    """
+    if isinstance(job, submitit.SlurmJob):
+        job._interrupt()
+        release_requeued(job.job_id)
+        return
+    pid = int(job.job_id)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        for child in children:
+            os.kill(int(child), sig)
+
+
+def release_requeued(job_id: str, deadline_s: float = 60.0) -> None:
+    """A requeued SLURM job is held ~120 s (BeginTime); start it now once it is pending again."""
+
+    def pending() -> bool:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        return out.strip() == "PENDING"
+
+    wait_for(pending, deadline_s, f"job {job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def log_ints(path: Path, pattern: str) -> list[int]:
+    """Integers captured by ``pattern`` (one group) in a log file."""
+    return [int(m) for m in re.findall(pattern, path.read_text())]

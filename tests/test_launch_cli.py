@@ -1,0 +1,109 @@
+"""launch/slurm.py without running a job: dry run, resources -> sbatch, and the bad-input errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import config_kind, list_configs, load_config
+from launch.executor import extra_sbatch_parameters, local_parameters, resolve_cluster, slurm_parameters
+from launch.slurm import job_spec, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, capsys):
+    args = ["--config", "retr_demo", "--cluster", "local", "--dry-run", f"output_dir={tmp_path}",
+            "launch.cpu_tasks=3", "launch.cpus_per_task=1", "launch.partition=gpu", "launch.time_min=30",
+            "launch.signal_delay_s=45", "launch.mem_gb=8",
+            "launch.extra_sbatch=--exclusive,--mail-type=END"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for line in ("#SBATCH --ntasks-per-node=3", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=30", "#SBATCH --signal=USR2@45", "#SBATCH --mem=8GB", "#SBATCH --exclusive",
+                 "#SBATCH --mail-type=END", "#SBATCH --requeue", "srun ", "-m submitit.core._submit"):  # fmt: skip
+        assert line in out, line
+    assert "trainers.retrieval.run(" in out and "resume=None" in out
+    assert not any(tmp_path.iterdir()), "a dry run must not create job folders"
+
+
+def test_dry_run_as_a_script_from_another_directory(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "slurm.py"), "--config", "retr_demo", "--dry-run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --job-name=retr_demo" in proc.stdout
+
+
+def test_one_task_per_gpu_on_slurm():
+    params = slurm_parameters(load_config("retr_demo", ["launch.gpus_per_node=4", "launch.nodes=2"]).launch, "x")
+    assert params["ntasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["nodes"] == 2
+
+
+def test_unknown_config_lists_the_available_ones(capsys):
+    assert main(["--config", "no_such_config", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'no_such_config'" in err and "retr_demo" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("launch.nodes=0", "launch.nodes=0 must be >= 1"),
+        ("launch.gpus_per_node=-1", "launch.gpus_per_node=-1 must be >= 0"),
+        ("launch.cpu_tasks=0", "launch.cpu_tasks=0 must be > 0"),
+        ("launch.extra_sbatch=exclusive", "launch.extra_sbatch entry 'exclusive'"),
+        ("launch.bogus=1", "unknown config key 'launch.bogus'"),
+    ],
+)
+def test_impossible_resources_are_rejected(override, message, capsys):
+    assert main(["--config", "retr_demo", "--dry-run", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_local_executor_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="launch.nodes=2: the local executor runs one node"):
+        local_parameters(load_config("retr_demo", ["launch.nodes=2"]).launch)
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(ValueError, match="launch.gpus_per_node=1 but this machine has 0 CUDA"):
+            local_parameters(load_config("retr_demo", ["launch.gpus_per_node=1"]).launch)
+
+
+def test_cluster_choice_follows_sbatch_on_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert resolve_cluster("auto") == "local"
+    with pytest.raises(ValueError, match="needs SLURM, but `sbatch` is not on PATH"):
+        resolve_cluster("slurm")
+    assert main(["--config", "retr_demo", "--cluster", "slurm", "--dry-run"]) == 2
+    assert "`sbatch` is not on PATH" in capsys.readouterr().err
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert resolve_cluster("auto") == "slurm"
+
+
+def test_extra_sbatch_lines_parse():
+    assert extra_sbatch_parameters(("--exclusive", "#SBATCH --mail-type=END")) == {
+        "exclusive": True,
+        "mail-type": "END",
+    }
+
+
+def test_status_of_an_unknown_job_is_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["--status", "123456", "--runs", str(tmp_path)]) == 2
+    assert "no job folder" in capsys.readouterr().err
+
+
+def test_mmengine_configs_take_launch_overrides_and_pass_the_rest_as_cfg_options():
+    names = [n for n in list_configs() if config_kind(n) == "mmengine"]
+    if not names:
+        pytest.skip("no mmengine (detection) config in configs/")
+    cfg, launch, options = job_spec(names[0], ["launch.cpu_tasks=2", "train_cfg.max_epochs=1"])
+    assert cfg is None and launch.cpu_tasks == 2 and options == ("train_cfg.max_epochs=1",)

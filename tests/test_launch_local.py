@@ -1,0 +1,87 @@
+"""Launcher end to end on submitit's local executor (no SLURM): submit 2 tasks, preempt, resume, status, cancel.
+
+These use tests/tiny_trainer.py (same run/resume/signal contract as the retrieval trainer, seconds to run);
+tests/test_launch_retr_demo.py runs the real retr_demo.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from configs import from_dict, load_config
+from launch import jobs
+from launch.slurm import main, submit
+from tests.launch_helpers import log_ints, logged_steps, preempt, wait_for
+
+EPOCHS, ITERS, EVERY = 2, 40, 10
+OVERRIDES = [
+    "launch.cpu_tasks=2",
+    "launch.cpus_per_task=1",
+    "launch.time_min=5",
+    f"schedule.epochs={EPOCHS}",
+    f"schedule.iters_per_epoch={ITERS}",
+    f"checkpoint.every_steps={EVERY}",
+]
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A 2-task local job preempted after its step-20 checkpoint, requeued, and finished."""
+    root = tmp_path_factory.mktemp("runs")
+    job = submit("retr_demo", [*OVERRIDES, f"output_dir={root}"], cluster="local", trainer="tests.tiny_trainer")
+    folder = Path(job.paths.folder)
+    wait_for(lambda: (folder / "checkpoints" / "step_20.pt").exists(), 90, "the step-20 checkpoint")
+    preempt(job)
+    assert jobs.wait_done(job, 120), "the preempted job did not finish within 120 s"
+    return job, folder, root
+
+
+def test_local_job_trains_with_two_synced_tasks(preempted):
+    job, folder, _ = preempted
+    results = job.results()
+    assert [r["world_size"] for r in results] == [2, 2]
+    assert all(r["steps"] == EPOCHS * ITERS for r in results)
+    assert folder.name == job.job_id and folder.parent.name == "retr_demo"
+    saved = from_dict(json.loads((folder / "config.json").read_text()))
+    assert saved == load_config("retr_demo", OVERRIDES + [f"output_dir={folder.parents[1]}"])
+    for rank in (0, 1):
+        assert (folder / f"{job.job_id}_{rank}_log.err").is_file()
+    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((folder / "launch.json").read_text())["cluster"] == "local"
+
+
+def test_local_preemption_requeues_and_resumes_without_losing_steps(preempted):
+    job, folder, _ = preempted
+    log = folder / f"{job.job_id}_0_log.err"
+    (saved_at,) = log_ints(log, r"state saved at step (\d+)")
+    (resumed_from,) = log_ints(log, r"resumed from step (\d+)")
+    print(f"local preemption: state saved at step {saved_at}, resumed from step {resumed_from}")
+    assert "Requeued job" in log.read_text()
+    assert saved_at >= 20 and resumed_from == saved_at
+    steps = logged_steps(folder)
+    assert sorted(set(steps)) == list(range(1, EPOCHS * ITERS + 1)), "a step is missing from the logs"
+    redone = [s for s in set(steps) if steps.count(s) > 1]
+    assert all(resumed_from < s <= resumed_from + EVERY for s in redone), f"steps trained twice: {redone}"
+
+
+def test_status_reports_the_finished_job(preempted, capsys):
+    job, _, root = preempted
+    assert main(["--status", job.job_id, "--runs", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job.job_id} (local): FINISHED" in out and "world_size=2" in out
+
+
+def test_cancel_stops_a_local_job_and_reports_it(tmp_path, capsys):
+    job = submit("retr_demo", [*OVERRIDES, "schedule.epochs=1000", f"output_dir={tmp_path}"], cluster="local",
+                 trainer="tests.tiny_trainer")  # fmt: skip
+    start = time.monotonic()
+    assert main(["--cancel", job.job_id, "--runs", str(tmp_path)]) == 0
+    assert time.monotonic() - start < 30
+    assert jobs.wait_done(job, 10)
+    assert "CANCELLED" in capsys.readouterr().out
+    main(["--status", job.job_id, "--runs", str(tmp_path)])
+    assert f"job {job.job_id} (local): CANCELLED" in capsys.readouterr().out
