@@ -1,0 +1,159 @@
+"""The retrieval trainer end to end on CPU: kill-and-resume equality, signals, bad input, NaN steps."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from configs import load_config
+from datasets.prepare import main as prepare_main
+from datasets.stream import train_loader
+from trainers import checkpoint as ckpt
+from trainers.retrieval import Stopped, run
+from trainers.setup import check_data
+
+FAST = [
+    "model.backbone=test_resnet",
+    "data.height=32",
+    "data.width=32",
+    "data.batch_size=16",
+    "data.num_instances=4",
+    "data.num_workers=0",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=1",
+    "schedule.iters_per_epoch=3",
+    "schedule.milestones=1",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=2",
+    "train.log_every=1",
+    "eval.enabled=false",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    prepare_main(["--config", "retr_demo", f"data.root={root}/raw", f"data.shards={root}/shards", "--no-progress"])
+    return root / "shards"
+
+
+def _cfg(shards, *extra):
+    return load_config("retr_demo", [*FAST, f"data.shards={shards}", *extra])
+
+
+def _final_weights(run_dir):
+    return ckpt.load_state(ckpt.list_states(run_dir / "checkpoints")[-1])["model"]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted run: its final weights are what every interrupted-and-resumed run must end with."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    full = run(_cfg(shards), run_dir=str(run_dir))
+    assert full["global_step"] == 6
+    assert (run_dir / "config.json").is_file() and (run_dir / "train.log").is_file()
+    return _final_weights(run_dir)
+
+
+def test_kill_and_resume_matches_uninterrupted(shards, reference, tmp_path):
+    with pytest.raises(Stopped) as stopped:  # mid-epoch 2
+        run(_cfg(shards), run_dir=str(tmp_path / "cut"), max_steps=4)
+    assert stopped.value.code == 0
+    states = ckpt.list_states(tmp_path / "cut" / "checkpoints")
+    assert [p.name for p in states] == ["state-000000003.pt", "state-000000004.pt"]  # last K=2 kept
+    resumed = run(_cfg(shards), run_dir=str(tmp_path / "cut"), resume="auto")
+    assert resumed["global_step"] == 6
+    _assert_same(reference, _final_weights(tmp_path / "cut"))
+
+
+def test_signal_writes_state_and_resume_is_exact(shards, reference, tmp_path):
+    """SIGUSR2 in the middle of a step: the state is written at the next step boundary, then exit 128+12."""
+    calls = {"n": 0}
+
+    def loader(cfg, rank, world, epoch):
+        for batch in train_loader(cfg, rank, world, epoch):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            yield batch
+
+    loader_fn = _Sized(loader)
+    with pytest.raises(Stopped) as stopped:
+        run(_cfg(shards), run_dir=str(tmp_path / "sig"), loader_fn=loader_fn, num_classes=24)
+    assert stopped.value.code == 128 + signal.SIGUSR2
+    assert ckpt.list_states(tmp_path / "sig" / "checkpoints")[-1].name == "state-000000002.pt"
+    run(_cfg(shards), run_dir=str(tmp_path / "sig"), resume="auto")
+    _assert_same(reference, _final_weights(tmp_path / "sig"))
+
+
+class _Sized:
+    """A loader_fn whose loader has the stream's length."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def __call__(self, cfg, rank, world, epoch):
+        return _Len(self.gen(cfg, rank, world, epoch), len(train_loader(cfg, rank, world, epoch)))
+
+
+class _Len:
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self):
+        return self.n
+
+
+def test_resume_with_changed_config_says_what_changed(shards, tmp_path):
+    with pytest.raises(Stopped):
+        run(_cfg(shards), run_dir=str(tmp_path / "a"), max_steps=2)
+    with pytest.raises(ValueError, match=r"config changed.*optim.lr: 0.001 -> 0.002"):
+        run(_cfg(shards, "optim.lr=0.002"), run_dir=str(tmp_path / "a"), resume="auto")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        run(_cfg(shards), run_dir=str(tmp_path / "a"), resume=str(tmp_path / "nope.pt"))
+
+
+def test_nan_loss_is_skipped_then_stops(shards, tmp_path, caplog):
+    def poisoned(every):
+        def loader(cfg, rank, world, epoch):
+            for i, batch in enumerate(train_loader(cfg, rank, world, epoch)):
+                if i % every == 0:
+                    batch["image"] = torch.full_like(batch["image"], float("nan"))
+                yield batch
+
+        return _Sized(loader)
+
+    result = run(_cfg(shards), run_dir=str(tmp_path / "one"), loader_fn=poisoned(3), num_classes=24)
+    assert result["global_step"] == 6
+    assert "non-finite loss" in caplog.text and "step skipped (1 in a row)" in caplog.text
+    weights = _final_weights(tmp_path / "one")
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    with pytest.raises(FloatingPointError, match=r"non-finite 2 steps in a row \(loss.max_nan_steps=2\)"):
+        run(_cfg(shards, "loss.max_nan_steps=2"), run_dir=str(tmp_path / "all"), loader_fn=poisoned(1), num_classes=24)
+
+
+def test_bad_batch_composition():
+    manifest = {"splits": {"train": {"num_classes": 24}}}
+    with pytest.raises(ValueError, match=r"per-process batch data.batch_size/2=10 is not a multiple"):
+        check_data(_pk(20, 4), manifest, 2)
+    with pytest.raises(ValueError, match=r"24 identities but a batch needs P=32"):
+        check_data(_pk(128, 4), manifest, 1)
+
+
+def _pk(batch, k):
+    return load_config("retr_demo", [f"data.batch_size={batch}", f"data.num_instances={k}"])
+
+
+def test_unknown_loss_key_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"loss.arcface_weight.*loss.ce_weight.*loss.triplet_weight"):
+        load_config("retr_demo", ["loss.arcface_weight=1"])

@@ -1,0 +1,115 @@
+"""Setting up a retrieval run: the Accelerator, the run directory, data checks, model/optimizers/schedule."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
+
+from configs import ExperimentConfig, to_dict
+from trainers import checkpoint as ckpt
+from trainers.losses import RetrievalLoss
+from trainers.models import build_model
+from trainers.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("trainers.retrieval")
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    criterion: RetrievalLoss
+    optimizer: torch.optim.Optimizer
+    center_optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+
+
+def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
+    plugin = None
+    if cfg.train.deepspeed_config:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"train.deepspeed_config={cfg.train.deepspeed_config!r}: DeepSpeed through Accelerate needs GPUs "
+                "(on CPU Accelerate reports a single process); leave it empty for DDP (gloo) on CPU"
+            )
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed_config)
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
+    return Accelerator(
+        mixed_precision=cfg.train.precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with="tensorboard",
+        project_config=project,
+        deepspeed_plugin=plugin,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def resolve_run_dir(cfg: ExperimentConfig, run_dir: str | None) -> Path:
+    """runs/NAME/<$SLURM_JOB_ID or timestamp>, the same on every rank (rank 0 decides)."""
+    if run_dir:
+        return Path(run_dir)
+    stamp = os.environ.get("SLURM_JOB_ID") or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / cfg.name / stamp
+
+
+def check_data(cfg: ExperimentConfig, manifest: dict, world_size: int) -> int:
+    """Number of training classes; clear errors for P x K that cannot be met."""
+    d = cfg.data
+    if d.train_split not in manifest["splits"]:
+        raise ValueError(f"data.train_split={d.train_split!r} is not in {d.shards}: {sorted(manifest['splits'])}")
+    num_classes = int(manifest["splits"][d.train_split]["num_classes"])
+    if d.batch_size % world_size:
+        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {world_size} processes")
+    if d.sampler == "pk":
+        per_rank = d.batch_size // world_size
+        if per_rank % d.num_instances:
+            raise ValueError(
+                f"P x K: the per-process batch data.batch_size/{world_size}={per_rank} is not a multiple of "
+                f"data.num_instances={d.num_instances}"
+            )
+        p = per_rank // d.num_instances
+        if num_classes < p:
+            raise ValueError(
+                f"P x K: the training split has {num_classes} identities but a batch needs P={p} "
+                f"(data.batch_size={d.batch_size} / data.num_instances={d.num_instances}); lower data.batch_size"
+            )
+    return num_classes
+
+
+def build_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: int, loader_len: int) -> Parts:
+    model = build_model(cfg.model, num_classes, img_size=(cfg.data.height, cfg.data.width))
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_bn and accelerator.num_processes > 1:
+        if accelerator.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA devices (BN statistics stay per process)")
+    raw_model = model
+    criterion = RetrievalLoss(cfg.loss, num_classes, model.dim).to(accelerator.device)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps = cfg.schedule.iters_per_epoch or loader_len // cfg.optim.grad_accum
+    if steps < 1:
+        raise ValueError(f"an epoch has {loader_len} batches: fewer than optim.grad_accum={cfg.optim.grad_accum}")
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    center_opt = None
+    if criterion.center is not None:
+        center_opt = accelerator.prepare(torch.optim.SGD(criterion.center.parameters(), lr=cfg.loss.center_lr))
+    return Parts(model, raw_model, criterion, optimizer, center_opt, scheduler, steps)
+
+
+def hparams(cfg: ExperimentConfig) -> dict:
+    """Flat scalar config for TensorBoard's hparams view."""
+    flat = ckpt.flatten(to_dict(cfg))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
