@@ -12,24 +12,54 @@ import torch
 
 from inference.distance import as_features, check_same_dim, pairwise_distance
 
-_LOOKUP_K = 64  # nearest neighbours whose distances are kept per row; the rest are recomputed on demand
+_LOOKUP_K = 32  # nearest neighbours whose distances are kept per row; the rest are recomputed on demand
 
 
-def _neighbours(feats: torch.Tensor, num_query: int, metric: str, keep: int, chunk_size: int):
+def _squared(distance_fn, a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """The reference's original distance, ``metric(a, b) ** 2`` in float32 (euclidean: squared directly)."""
+    if metric == "euclidean":
+        return distance_fn(a, b, "sqeuclidean").float()
+    return distance_fn(a, b, metric).pow_(2).float()
+
+
+def _merge_top(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, new_idx: torch.Tensor):
+    """Keep the smallest ``vals.shape[1]`` of two (values, indices) candidate lists per row, sorted."""
+    v, pos = torch.topk(torch.cat([vals, new_vals], 1), vals.shape[1], dim=1, largest=False, sorted=True)
+    return v, torch.cat([idx, new_idx], 1).gather(1, pos)
+
+
+def _update(state, rows: slice, d2: torch.Tensor, col0: int) -> None:
+    """Fold a block of squared distances (rows x columns from ``col0``) into the row maxima and neighbours."""
+    row_max, top_d, top_i = state
+    row_max[rows] = torch.maximum(row_max[rows], d2.max(1).values)
+    k = min(top_d.shape[1], d2.shape[1])
+    v, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
+    top_d[rows], top_i[rows] = _merge_top(top_d[rows], top_i[rows], v, i + col0)
+
+
+def _neighbours(feats: torch.Tensor, num_query: int, metric: str, keep: int, block: int):
     """Row maxima of the squared distances, the ``keep`` nearest neighbours (sorted) with their normalised
-    distances, and the normalised query-to-gallery block."""
-    n = feats.shape[0]
-    row_max = torch.empty(n, dtype=torch.float32, device=feats.device)
-    top_d = torch.empty(n, keep, dtype=torch.float32, device=feats.device)
-    top_i = torch.empty(n, keep, dtype=torch.long, device=feats.device)
-    qg = torch.empty(num_query, n - num_query, dtype=torch.float32, device=feats.device)
-    for s in range(0, n, chunk_size):
-        d2 = pairwise_distance(feats[s : s + chunk_size], feats, metric).pow_(2).float()  # reference: dist**2
-        row_max[s : s + len(d2)] = d2.max(1).values
-        d2 /= row_max[s : s + len(d2), None]
-        top_d[s : s + len(d2)], top_i[s : s + len(d2)] = torch.topk(d2, keep, dim=1, largest=False, sorted=True)
-        if s < num_query:
-            qg[s : s + len(d2)] = d2[: num_query - s, num_query:]
+    distances, and the normalised query-to-gallery block. Each symmetric block pair is computed once."""
+    n, dev = feats.shape[0], feats.device
+    row_max = torch.zeros(n, dtype=torch.float32, device=dev)
+    top_d = torch.full((n, keep), float("inf"), dtype=torch.float32, device=dev)
+    top_i = torch.zeros(n, keep, dtype=torch.long, device=dev)
+    qg = torch.empty(num_query, n - num_query, dtype=torch.float32, device=dev)
+    starts = range(0, n, block)
+    for a0 in starts:
+        a1 = min(a0 + block, n)
+        for b0 in starts[a0 // block :]:
+            b1 = min(b0 + block, n)
+            d2 = _squared(pairwise_distance, feats[a0:a1], feats[b0:b1], metric)
+            _update((row_max, top_d, top_i), slice(a0, a1), d2, b0)
+            if b0 != a0:
+                _update((row_max, top_d, top_i), slice(b0, b1), d2.T.contiguous(), a0)
+            if a0 < num_query and b1 > num_query:  # blocks are contiguous and b0 >= a0: only this orientation
+                qg[a0 : min(a1, num_query), max(b0, num_query) - num_query : b1 - num_query] = d2[
+                    : num_query - a0, max(num_query - b0, 0) :
+                ]
+    top_d /= row_max[:, None]
+    qg /= row_max[:num_query, None]
     return row_max, top_d, top_i, qg
 
 
@@ -73,7 +103,7 @@ def _lookup(idx, rows, top_d, top_i, feats, row_max, metric):
     if bool(miss.any()):
         mr, mc = miss.nonzero(as_tuple=True)
         a, b = feats[rows[mr]], feats[idx[mr, mc]]
-        d = pairwise_distance_pairs(a, b, metric).pow(2).float()
+        d = _squared(pairwise_distance_pairs, a, b, metric)
         vals[mr, mc] = d / row_max[rows[mr]]
     return vals
 
@@ -163,7 +193,7 @@ def k_reciprocal_rerank(
     lambda_value: float = 0.3,
     metric: str = "euclidean",
     device: str | torch.device | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 2048,
     pair_budget: int = 1 << 24,
 ) -> torch.Tensor:
     """Re-ranked [Q, G] distances (float32) of query and gallery features (k1=20, k2=6, lambda=0.3 as the paper).
