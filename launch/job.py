@@ -66,8 +66,10 @@ class TrainJob(submitit.helpers.Checkpointable):
             dist.rank, dist.world_size, dist.local_rank, env.hostname, dist.master_addr, dist.master_port,
             run_dir, self.resume,
         )  # fmt: skip
-        if dist.rank == 0 and self.cfg is not None:
-            save_config(self.cfg, run_dir / "config.json")
+        if dist.rank == 0:
+            _remove_literal_folder()
+            if self.cfg is not None:
+                save_config(self.cfg, run_dir / "config.json")
         sig = submitit.JobEnvironment._usr_sig()
         submitit_handler = signal.getsignal(sig)  # checkpoint() + requeue + exit on rank 0
         self._requeued = False
@@ -79,9 +81,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         signal.signal(sig, requeue)  # still submitit's behaviour when the trainer does not catch the signal
         try:
             return self._run_trainer(run_dir)
-        except SystemExit:
-            # The trainer caught the signal, saved its state at a step boundary and exited: requeue now.
-            if dist.rank == 0 and not self._requeued:
+        except SystemExit as exc:
+            # Contract with the trainers: after SIGUSR2/SIGTERM they save their state at the next step
+            # boundary and raise SystemExit with a non-zero code (128 + signal); requeue then.
+            if exc.code not in (0, None) and dist.rank == 0 and not self._requeued:
                 log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
                 requeue(sig, None)
             raise
@@ -109,3 +112,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         """The call each task makes, for ``--dry-run``."""
         cfg = f"configs.{self.config_name}" if self.cfg is None else f"load_config({self.config_name!r}, ...)"
         return f"{self.trainer}.run({cfg}, run_dir='<job folder>', resume={self.resume!r})"
+
+
+def _remove_literal_folder() -> None:
+    """submitit's local controller also creates the folder pattern itself (``.../%j``): drop it if empty."""
+    pattern = Path(os.environ.get("SUBMITIT_FOLDER", ""))
+    if "%j" in pattern.name and pattern.is_dir() and not any(pattern.iterdir()):
+        pattern.rmdir()

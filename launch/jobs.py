@@ -136,10 +136,17 @@ def record_wait_s(job: submitit.Job) -> float:
     return 60.0 * record["time_min"] + 120.0
 
 
+def job_done(job: submitit.Job) -> bool:
+    """Whether the job ended; a local job found again by --status (no process handle) is checked by pid."""
+    if isinstance(job, submitit.local.local.LocalJob) and job._process is None:
+        return not _pid_alive(int(job.job_id))
+    return job.done(force_check=True)
+
+
 def wait_done(job: submitit.Job, deadline_s: float, poll_s: float = POLL_S) -> bool:
     """Poll ``job.done()`` until it is done or ``deadline_s`` passed (never ``job.result()`` blindly)."""
     end = time.monotonic() + deadline_s
-    while not job.done(force_check=True):
+    while not job_done(job):
         if time.monotonic() >= end:
             return False
         time.sleep(poll_s)

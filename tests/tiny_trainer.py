@@ -70,7 +70,7 @@ def run(cfg, run_dir: str | None = None, resume: str | None = None) -> dict:
             if writer is not None:
                 writer.close()
             accelerator.wait_for_everyone()
-            raise SystemExit(0)
+            raise SystemExit(128 + (stop["signal"] or signal.SIGTERM))
     if writer is not None:
         writer.close()
     accelerator.wait_for_everyone()
