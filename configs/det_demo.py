@@ -10,9 +10,10 @@ default_scope = "mmdet"
 custom_imports = dict(imports=["trainers.detection_data"], allow_failed_imports=False)
 
 data_root = "data/sample/"
+make_sample = True  # trainers/detection.py writes the generated retail sample under data_root when missing
 class_agnostic = True  # one "object" class (retrieval assigns the product); False = one class per category
 num_classes = 1  # replaced from the annotation files by trainers/detection.py
-img_scale = (320, 320)
+img_scale = (320, 240)
 backend_args = None
 
 # ---------------------------------------------------------------- model
@@ -192,8 +193,8 @@ val_evaluator = dict(type="CocoMetric", ann_file=None, metric="bbox", format_onl
 test_evaluator = val_evaluator
 
 # ---------------------------------------------------------------- schedule
-max_epochs = 12
-train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=max_epochs, val_interval=3)
+max_epochs = 8
+train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=max_epochs, val_interval=2)
 val_cfg = dict(type="ValLoop")
 test_cfg = dict(type="TestLoop")
 param_scheduler = [
