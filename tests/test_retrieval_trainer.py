@@ -157,3 +157,18 @@ def _pk(batch, k):
 def test_unknown_loss_key_lists_valid_ones():
     with pytest.raises(ValueError, match=r"loss.arcface_weight.*loss.ce_weight.*loss.triplet_weight"):
         load_config("retr_demo", ["loss.arcface_weight=1"])
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2"])
+def test_deepspeed_configs_and_cpu_refusal(name, tmp_path):
+    import json
+
+    from configs import CONFIG_DIR
+    from trainers.setup import make_accelerator
+
+    path = CONFIG_DIR / "deepspeed" / f"{name}.json"
+    assert json.loads(path.read_text())["zero_optimization"]["stage"] == int(name[-1])
+    if torch.cuda.is_available():
+        pytest.skip("GPU present: the CPU refusal does not apply")
+    with pytest.raises(ValueError, match="DeepSpeed through Accelerate needs GPUs"):
+        make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={path}"]), tmp_path)

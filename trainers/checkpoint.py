@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def save_state(state: dict, ckpt_dir: str | Path, global_step: int, keep_last: i
     path = save_atomic(state, state_path(ckpt_dir, global_step))
     for old in list_states(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+        shutil.rmtree(old.with_suffix(".zero"), ignore_errors=True)  # DeepSpeed's sharded part, if any
     return path
 
 

@@ -90,6 +90,9 @@ def collect_state(parts: Parts, prog: Progress, cfg: ExperimentConfig, accelerat
 def write_state(parts: Parts, prog: Progress, cfg: ExperimentConfig, accelerator: Accelerator, run_dir: Path) -> Path:
     state = collect_state(parts, prog, cfg, accelerator)
     path = ckpt.state_path(run_dir / "checkpoints", prog.global_step)
+    if accelerator.state.deepspeed_plugin is not None:  # ZeRO shards the optimizer: every rank writes its part
+        accelerator.save_state(str(path.with_suffix(".zero")))
+        state["optimizer"] = {"zero": path.with_suffix(".zero").name}
     if accelerator.is_main_process:
         path = ckpt.save_state(state, run_dir / "checkpoints", prog.global_step, cfg.checkpoint.keep_last)
     accelerator.wait_for_everyone()
@@ -109,7 +112,10 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
         parts.raw_model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise ValueError(f"--resume {path}: the state holds another model than {cfg.model.backbone}: {exc}") from None
-    parts.optimizer.load_state_dict(state["optimizer"])
+    if "zero" in state["optimizer"]:
+        accelerator.load_state(str(Path(path).with_name(state["optimizer"]["zero"])))
+    else:
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.criterion.load_state_dict(state["center"])
     if parts.center_optimizer is not None:
         parts.center_optimizer.load_state_dict(state["center_optimizer"])

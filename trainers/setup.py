@@ -35,12 +35,21 @@ class Parts:
 def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
     plugin = None
     if cfg.train.deepspeed_config:
+        if not Path(cfg.train.deepspeed_config).is_file():
+            raise FileNotFoundError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} does not exist")
         if not torch.cuda.is_available():
             raise ValueError(
                 f"train.deepspeed_config={cfg.train.deepspeed_config!r}: DeepSpeed through Accelerate needs GPUs "
                 "(on CPU Accelerate reports a single process); leave it empty for DDP (gloo) on CPU"
             )
-        plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed_config)
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=cfg.train.deepspeed_config,
+            gradient_accumulation_steps=cfg.optim.grad_accum,
+            gradient_clipping=cfg.optim.clip_grad or None,
+        )
+        # the stream is not an Accelerate-prepared loader, so "auto" cannot be filled from it
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // world
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
     return Accelerator(
         mixed_precision=cfg.train.precision,
