@@ -172,3 +172,30 @@ def test_deepspeed_configs_and_cpu_refusal(name, tmp_path):
         pytest.skip("GPU present: the CPU refusal does not apply")
     with pytest.raises(ValueError, match="DeepSpeed through Accelerate needs GPUs"):
         make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={path}"]), tmp_path)
+
+
+def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):
+    """The main job path: eval through inference.evaluate, mAP*.pth (weights only), TB scalars + rank list."""
+    pytest.importorskip("inference.evaluate", reason="inference.evaluate (engineer [C]) has not landed yet")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainers.models import build_model
+
+    cfg = _cfg(shards, "eval.enabled=true", "eval.every=1", "schedule.epochs=1")
+    result = run(cfg, run_dir=str(tmp_path / "ev"))
+    assert 0.0 <= result["mAP"] <= 1.0 and result["best_mAP"] == result["mAP"]
+    best = list((tmp_path / "ev").glob("mAP*.pth"))
+    assert [p.name for p in best] == [f"mAP{100 * result['mAP']:.1f}.pth"]
+    model = build_model(cfg.model, 24, img_size=(32, 32))
+    model.load_state_dict(torch.load(best[0], weights_only=True))
+    events = sorted((tmp_path / "ev" / "tb").rglob("events.out.tfevents*"))
+    tags = {"scalars": set(), "images": set()}
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"images": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    expected = {"train/loss", "train/ce", "train/triplet", "train/center", "train/acc", "train/lr"}
+    assert expected | {"train/images_per_s", "eval/mAP", "eval/rank1", "eval/rank5", "eval/mINP"} <= tags["scalars"]
+    assert "eval/rank_list" in tags["images"]
+    assert "Validation Results - Epoch: 1" in (tmp_path / "ev" / "train.log").read_text()

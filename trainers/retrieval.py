@@ -201,18 +201,21 @@ def epoch_batches(loader_fn, cfg: ExperimentConfig, accelerator: Accelerator, pr
     rank, world = accelerator.process_index, accelerator.num_processes
     ckpt.seed_everything(cfg.train.seed * 1_000_003 + prog.epoch * 1009 + rank)
     loader = loader_fn(cfg, rank, world, prog.epoch)
+    length = len(loader)
     batches = iter(loader)
     for _ in range(prog.batch_in_epoch):
         next(batches)
     if rng is not None:
         ckpt.set_rng_state(rng)
-    return batches
+    return batches, length
 
 
 def train_epoch(loader_fn, parts, cfg, accelerator, prog, run_dir, flag, max_steps, rng=None) -> None:
     """Run the rest of ``prog.epoch``; raise ``Stopped`` after saving state on a signal or at ``max_steps``."""
-    total_batches = parts.steps_per_epoch * cfg.optim.grad_accum
-    batches = epoch_batches(loader_fn, cfg, accelerator, prog, rng)
+    accum = cfg.optim.grad_accum
+    batches, length = epoch_batches(loader_fn, cfg, accelerator, prog, rng)
+    # the P x K plan's length varies a little per epoch: a shorter epoch ends early
+    total_batches = min(parts.steps_per_epoch, length // accum) * accum
     parts.model.train()
     window: dict[str, float] = {}
     seen, tick = 0, time.perf_counter()
@@ -224,13 +227,13 @@ def train_epoch(loader_fn, parts, cfg, accelerator, prog, run_dir, flag, max_ste
         for key, value in (stats or {}).items():
             window[key] = window.get(key, 0.0) + float(value)
         window["n"] = window.get("n", 0.0) + (stats is not None)
-        if prog.batch_in_epoch % cfg.optim.grad_accum:
+        if prog.batch_in_epoch % accum:
             continue
         parts.scheduler.step()  # also after a skipped step: the lr stays a function of the step count
         prog.global_step += 1
-        step_in_epoch = prog.batch_in_epoch // cfg.optim.grad_accum
-        if step_in_epoch % cfg.train.log_every == 0 or step_in_epoch == parts.steps_per_epoch:
-            report(window, seen / (time.perf_counter() - tick), parts, accelerator, prog)
+        step_in_epoch = prog.batch_in_epoch // accum
+        if step_in_epoch % cfg.train.log_every == 0 or prog.batch_in_epoch == total_batches:
+            report(window, seen / (time.perf_counter() - tick), parts, accelerator, prog, total_batches // accum)
             window, seen, tick = {}, 0, time.perf_counter()
         stop_signal = stop_requested(flag, accelerator)
         if stop_signal or (max_steps and prog.global_step >= max_steps):
@@ -239,12 +242,12 @@ def train_epoch(loader_fn, parts, cfg, accelerator, prog, run_dir, flag, max_ste
             write_state(parts, prog, cfg, accelerator, run_dir)
 
 
-def report(window: dict, images_per_s: float, parts: Parts, accelerator: Accelerator, prog: Progress) -> None:
+def report(window: dict, images_per_s: float, parts: Parts, accelerator: Accelerator, prog: Progress, total: int):
     n = max(window.pop("n", 0.0), 1.0)
     means = {k: v / n for k, v in window.items()}
     lr = parts.optimizer.param_groups[0]["lr"]
     step = prog.batch_in_epoch // accelerator.gradient_accumulation_steps
-    log.info(log_line(prog.epoch + 1, step, parts.steps_per_epoch, means.get("loss", math.nan),
+    log.info(log_line(prog.epoch + 1, step, total, means.get("loss", math.nan),
                       means.get("acc", math.nan), lr, images_per_s))  # fmt: skip
     scalars = {f"train/{k}": v for k, v in means.items()}
     scalars.update({"train/lr": lr, "train/images_per_s": images_per_s})
@@ -293,20 +296,18 @@ def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog
             log.info("new best mAP %.1f%%: weights in %s", 100 * prog.best_map, path)
         prog.best_path = str(path)
     if accelerator.is_main_process:
-        draw_rank_list(parts, cfg, accelerator, prog, metrics)
+        draw_rank_list(parts, cfg, accelerator, prog)
     accelerator.wait_for_everyone()
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
 
 
-def draw_rank_list(parts, cfg, accelerator, prog, metrics) -> None:
-    """TensorBoard image of a few queries with their top-10 gallery matches (when the evaluator ranks them)."""
-    from trainers.ranklist import rank_list_from_metrics
+def draw_rank_list(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress) -> None:
+    """TensorBoard image: a few queries with their top-10 gallery matches (green = same identity)."""
+    from trainers.ranklist import rank_list
 
-    image = rank_list_from_metrics(cfg, metrics)
-    if image is not None:
-        accelerator.get_tracker("tensorboard", unwrap=True).add_image(
-            "eval/rank_list", image, prog.global_step, dataformats="HWC"
-        )
+    image = rank_list(parts.raw_model, cfg, accelerator.device)
+    tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+    tracker.add_image("eval/rank_list", image, prog.global_step, dataformats="HWC")
 
 
 def should_evaluate(cfg: ExperimentConfig, epoch: int) -> bool:
