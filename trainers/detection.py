@@ -188,9 +188,15 @@ def run(
     cfg.resume = bool(resume)
     if resume:
         cfg.load_from = None  # Runner then resumes from run_dir/last_checkpoint
+    elif cfg.get("load_from") and not Path(cfg.load_from).is_file():
+        raise FileNotFoundError(
+            f"load_from={cfg.load_from!r} does not exist (weights are local files here, never downloaded); "
+            "put the checkpoint there or pass --cfg-options load_from=None"
+        )
     if amp:  # the same switch as mmdet's tools/train.py --amp
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
+    cfg.get("visualizer", {}).pop("name", None)  # a fixed name would reuse an earlier run's visualiser instance
     for backend in cfg.get("visualizer", {}).get("vis_backends", []):
         if backend.get("type") == "TensorboardVisBackend" and not backend.get("save_dir"):
             backend["save_dir"] = str(run_dir / "tb")

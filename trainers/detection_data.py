@@ -11,6 +11,7 @@ import os.path as osp
 from collections import Counter
 from pathlib import Path
 
+from datasets.coco import is_held_out
 from trainers import mmcv_ext
 
 mmcv_ext.install()
@@ -24,12 +25,9 @@ AGNOSTIC_CLASSES = ("object",)
 SPLITS = ("train", "test")
 
 
-def image_split(image: dict) -> str:
-    """The split of a COCO image: its ``split`` field when present, else every 5th image id is ``test``."""
-    split = image.get("split")
-    if split is not None:
-        return str(split)
-    return "test" if int(image["id"]) % 5 == 0 else "train"
+def image_split(image: dict, path: str | Path) -> str:
+    """``train`` / ``test``: the retail reader's held-out rule (``split`` field, else every 5th image id)."""
+    return "test" if is_held_out(image, Path(path)) else "train"
 
 
 def read_coco_json(path: str | Path) -> dict:
@@ -113,7 +111,7 @@ class DetrCocoDataset(CocoDataset):
                 )
             anns_by_image.setdefault(ann["image_id"], []).append(ann)
 
-        images = [im for im in data["images"] if self.split is None or image_split(im) == self.split]
+        images = [im for im in data["images"] if self.split is None or image_split(im, self.ann_file) == self.split]
         if not images:
             raise ValueError(f"{self.ann_file}: no images in split {self.split!r}")
         skipped: Counter[str] = Counter()

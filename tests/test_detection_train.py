@@ -1,0 +1,106 @@
+"""End to end: det_demo trains a few iterations on the generated sample on CPU, evaluates, and resumes."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mmdet")
+
+from mmengine.config import Config  # noqa: E402
+
+from configs import config_path  # noqa: E402
+from trainers import detection  # noqa: E402  (installs mmcv._ext first)
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    from datasets.sample import ensure_sample
+
+    return Path(ensure_sample(tmp_path_factory.mktemp("sample") / "retail"))
+
+
+def tiny_demo(tmp_path: Path, data_root: Path, epochs: int = 1) -> Path:
+    """det_demo shrunk for a test: 4 + 4 training images at 128x96, 4 validation images, no workers."""
+    cfg = Config.fromfile(str(config_path("det_demo")))
+    cfg.data_root = str(data_root)
+    for ds in detection._datasets(cfg.train_dataloader.dataset):
+        ds.indices = 4
+        next(t for t in ds.pipeline if t.type == "RandomResize").scale = (128, 96)
+    val = cfg.val_dataloader.dataset
+    val.indices = 4
+    next(t for t in val.pipeline if t.type == "Resize").scale = (128, 96)
+    for loader in (cfg.train_dataloader, cfg.val_dataloader):
+        loader.num_workers, loader.persistent_workers = 0, False
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.train_cfg.max_epochs, cfg.train_cfg.val_interval = epochs, 1
+    cfg.param_scheduler = [dict(type="ConstantLR", factor=1.0, by_epoch=True)]
+    cfg.default_hooks.logger.interval = 1
+    path = tmp_path / "det_tiny.py"
+    cfg.dump(str(path))
+    return path
+
+
+def _scalars(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in tb_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags.update(acc.Tags()["scalars"])
+    return tags
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_root) -> tuple[Path, Path, dict]:
+    """(config file, run dir, metrics) of one epoch of the tiny det_demo."""
+    tmp_path = tmp_path_factory.mktemp("det_run")
+    config = tiny_demo(tmp_path, sample_root)
+    run_dir = tmp_path / "run"
+    return config, run_dir, detection.run(config, run_dir=run_dir)
+
+
+def test_det_demo_trains_evaluates_and_resumes(trained):
+    config, run_dir, metrics = trained
+    assert {"coco/bbox_mAP", "coco/bbox_mAP_50", "best/coco/bbox_mAP"} <= set(metrics)
+    assert 0.0 <= metrics["coco/bbox_mAP_50"] <= 1.0
+    first = run_dir / "epoch_1.pth"
+    assert first.is_file() and (run_dir / "last_checkpoint").is_file()
+    assert list(run_dir.glob("best_coco_bbox_mAP_epoch_1.pth"))
+    best = list(run_dir.glob("mAP*.pth"))
+    assert len(best) == 1 and set(torch.load(best[0], weights_only=True)) == {"state_dict", "meta"}
+    assert {"loss", "lr", "coco/bbox_mAP", "coco/bbox_mAP_50"} <= _scalars(run_dir / "tb")
+    stamp = first.stat().st_mtime_ns
+
+    # resume through the CLI entry point: continues at epoch 2 without redoing epoch 1
+    args = ["--config", str(config), "--work-dir", str(run_dir), "--resume", "--cfg-options", "train_cfg.max_epochs=2"]
+    detection.main(args)
+    second = torch.load(run_dir / "epoch_2.pth", map_location="cpu", weights_only=False)
+    assert second["meta"]["epoch"] == 2
+    assert first.stat().st_mtime_ns == stamp
+    logs = "".join(p.read_text() for p in run_dir.rglob("*.log"))
+    assert "resumed epoch: 1" in logs
+
+
+def test_untrusted_checkpoints_load_weights_only(tmp_path, trained):
+    run_dir = trained[1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    foreign = shutil.copy(run_dir / "epoch_1.pth", elsewhere / "epoch_1.pth")
+    detection._TRUSTED_DIRS.discard(elsewhere.resolve())
+    with pytest.raises(pickle.UnpicklingError):
+        detection._load_local_checkpoint(str(foreign))  # mmengine's full state is refused outside our run dirs
+    weights = shutil.copy(next(run_dir.glob("mAP*.pth")), elsewhere / "weights.pth")
+    assert "state_dict" in detection._load_local_checkpoint(str(weights))  # plain weights load fine
+    assert "message_hub" in detection._load_local_checkpoint(str(run_dir / "epoch_1.pth"))
+
+
+def test_missing_load_from_is_a_clear_error(tmp_path, sample_root):
+    config = tiny_demo(tmp_path, sample_root)
+    with pytest.raises(FileNotFoundError, match="load_from"):
+        detection.run(config, run_dir=tmp_path / "run", cfg_options={"load_from": "weights/nope.pth"})
