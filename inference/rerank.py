@@ -8,6 +8,7 @@ encodings V are sparse (COO), and the Jaccard distance is a sparse join, chunked
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from inference.distance import as_features, check_same_dim, pairwise_distance
@@ -73,38 +74,35 @@ def _reciprocal(ranks: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return out
 
 
-def _expansion(r1: torch.Tensor, m1: torch.Tensor, r2: torch.Tensor, m2: torch.Tensor, n: int) -> torch.Tensor:
-    """Per row (padded with ``n``, sorted, unique): the k-reciprocal set plus the accepted half-size sets."""
-    cand_ok = m1
-    half = r2[r1]  # [C, k1+1, k1/2+1] the half-size reciprocal sets of each candidate
-    half_ok = m2[r1] & cand_ok[..., None]
-    in_set = ((half[..., None] == r1[:, None, None, :]) & m1[:, None, None, :]).any(-1) & half_ok
+def _expansion(rows, r1, m1, r2, m2, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of the k-reciprocal set plus the accepted half-size sets of each row, sorted and unique."""
+    c1, ok1 = r1[rows], m1[rows]
+    in_r = torch.zeros(len(rows), n + 1, dtype=torch.bool, device=r1.device)  # chunk-local dense sets R(i)
+    in_r.scatter_(1, torch.where(ok1, c1, n), True)
+    in_r[:, n] = False
+    half = r2[c1]  # [C, k1+1, k1/2+1] the half-size reciprocal set of each candidate
+    half_ok = m2[c1] & ok1[..., None]
+    inside = in_r.gather(1, half.flatten(1)).view_as(half) & half_ok
     size = half_ok.sum(-1).double()
-    accept = cand_ok & (in_set.sum(-1).double() > (2.0 / 3.0) * size)  # the reference's float comparison
-    pad = torch.full_like(r1, n)
-    base = torch.where(m1, r1, pad)
+    accept = ok1 & (inside.sum(-1).double() > (2.0 / 3.0) * size)  # the reference's float comparison
     extra = torch.where(half_ok & accept[..., None], half, torch.full_like(half, n)).flatten(1)
-    idx = torch.cat([base, extra], dim=1).sort(dim=1).values
-    dup = torch.zeros_like(idx, dtype=torch.bool)
-    dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
-    idx[dup] = n
-    idx = idx.sort(dim=1).values
-    width = int((idx < n).sum(1).max())
-    return idx[:, :width]
+    in_r.scatter_(1, extra, True)
+    in_r[:, n] = False
+    r, c = in_r.nonzero(as_tuple=True)
+    return rows[r], c
 
 
-def _lookup(idx, rows, top_d, top_i, feats, row_max, metric):
-    """Normalised squared distances O[rows, idx] (idx padded with N), from the kept neighbours when possible."""
-    n = feats.shape[0]
-    hit = idx[..., None] == top_i[rows][:, None, :]
-    found = hit.any(-1)
-    vals = (top_d[rows][:, None, :] * hit).sum(-1)
-    miss = (~found) & (idx < n)
+def _lookup(r, c, top_d, top_i, feats, row_max, metric):
+    """Normalised squared distances O[r, c], from the kept neighbour lists when there, else recomputed."""
+    rows = torch.unique_consecutive(r)
+    local = torch.full((len(rows), feats.shape[0]), float("nan"), device=feats.device)
+    local.scatter_(1, top_i[rows], top_d[rows])
+    lr = torch.searchsorted(rows, r)
+    vals = local[lr, c]
+    miss = torch.isnan(vals)
     if bool(miss.any()):
-        mr, mc = miss.nonzero(as_tuple=True)
-        a, b = feats[rows[mr]], feats[idx[mr, mc]]
-        d = _squared(pairwise_distance_pairs, a, b, metric)
-        vals[mr, mc] = d / row_max[rows[mr]]
+        a, b = feats[r[miss]], feats[c[miss]]
+        vals[miss] = _squared(pairwise_distance_pairs, a, b, metric) / row_max[r[miss]]
     return vals
 
 
@@ -118,19 +116,17 @@ def pairwise_distance_pairs(a: torch.Tensor, b: torch.Tensor, metric: str) -> to
 
 
 def _encode(feats, top_d, top_i, row_max, k1, metric, chunk_size):
-    """Sparse k-reciprocal encodings V as COO (rows, cols, values), rows sorted."""
+    """Sparse k-reciprocal encodings V as COO (rows, cols, values), sorted by row then column."""
     n = feats.shape[0]
     r1, r2 = top_i[:, : k1 + 1], top_i[:, : int(round(k1 / 2.0)) + 1]
     m1, m2 = _reciprocal(r1, chunk_size), _reciprocal(r2, chunk_size)
-    rows_all, cols_all, vals_all = [], [], []
+    parts = []
     for s in range(0, n, chunk_size):
-        rows = torch.arange(s, min(s + chunk_size, n), device=feats.device)
-        idx = _expansion(r1[rows], m1[rows], r2, m2, n)
-        w = torch.exp(-_lookup(idx, rows, top_d, top_i, feats, row_max, metric)) * (idx < n)
-        w = w / w.sum(1, keepdim=True)
-        ok = idx < n
-        rows_all.append(rows[:, None].expand_as(idx)[ok]), cols_all.append(idx[ok]), vals_all.append(w[ok])
-    return torch.cat(rows_all), torch.cat(cols_all), torch.cat(vals_all)
+        r, c = _expansion(torch.arange(s, min(s + chunk_size, n), device=feats.device), r1, m1, r2, m2, n)
+        w = torch.exp(-_lookup(r, c, top_d, top_i, feats, row_max, metric))
+        total = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, r, w)
+        parts.append((r, c, w / total[r]))
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def _segment_arange(counts: torch.Tensor) -> torch.Tensor:
@@ -139,26 +135,29 @@ def _segment_arange(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, device=counts.device) - (counts.cumsum(0) - counts).repeat_interleave(counts)
 
 
-def _query_expand(rows, cols, vals, neighbours: torch.Tensor, n: int):
-    """V_qe[i] = mean of V over the rows ``neighbours[i]`` (the k2 nearest), as coalesced COO."""
+def _query_expand(rows, cols, vals, neighbours: torch.Tensor, n: int, chunk_size: int):
+    """V_qe[i] = mean of V over the rows ``neighbours[i]`` (the k2 nearest), as COO sorted by row then column."""
     counts = torch.bincount(rows, minlength=n)
     ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    src = neighbours.flatten()
-    dst = torch.arange(n, device=rows.device).repeat_interleave(neighbours.shape[1])
-    take = counts[src]
-    pos = ptr[src].repeat_interleave(take) + _segment_arange(take)
-    index = torch.stack([dst.repeat_interleave(take), cols[pos]])
-    v = torch.sparse_coo_tensor(index, vals[pos], (n, n), check_invariants=False).coalesce()
-    r, c = v.indices()
-    return r, c, v.values() / neighbours.shape[1]
+    parts = []
+    for s in range(0, n, chunk_size):
+        src = neighbours[s : s + chunk_size].flatten()
+        dst = torch.arange(len(src), device=rows.device) // neighbours.shape[1]
+        take = counts[src]
+        pos = ptr[src].repeat_interleave(take) + _segment_arange(take)
+        acc = torch.zeros(len(src) // neighbours.shape[1], n, dtype=vals.dtype, device=vals.device)
+        acc.index_put_((dst.repeat_interleave(take), cols[pos]), vals[pos], accumulate=True)
+        r, c = acc.nonzero(as_tuple=True)
+        parts.append((r + s, c, acc[r, c] / neighbours.shape[1]))
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def _jaccard_into(out: torch.Tensor, rows, cols, vals, num_query: int, lambda_value: float, pair_budget: int):
     """out (the normalised query-gallery distances) <- (1 - lambda) * Jaccard(V_q, V_g) + lambda * out."""
     num_gallery = out.shape[1]
     g = rows >= num_query
-    g_cols, order = cols[g].sort(stable=True)
-    g_rows, g_vals = rows[g][order] - num_query, vals[g][order]
+    order = torch.from_numpy(np.argsort(cols[g].cpu().numpy(), kind="stable")).to(cols.device)  # numpy: faster
+    g_cols, g_rows, g_vals = cols[g][order], rows[g][order] - num_query, vals[g][order]
     col_count = torch.bincount(g_cols, minlength=int(rows.max()) + 1 if rows.numel() else 1)
     col_ptr = torch.cat([col_count.new_zeros(1), col_count.cumsum(0)])
     q = rows < num_query
@@ -213,8 +212,9 @@ def k_reciprocal_rerank(
     k1 = min(k1, n - 1)
     keep = min(max(_LOOKUP_K, k1 + 1), n)
     row_max, top_d, top_i, out = _neighbours(feats, num_query, metric, keep, chunk_size)
-    rows, cols, vals = _encode(feats, top_d, top_i, row_max, k1, metric, chunk_size)
+    rows_per_chunk = max(1, chunk_size // 4)  # the sparse steps use dense [rows_per_chunk, Q+G] scratch
+    rows, cols, vals = _encode(feats, top_d, top_i, row_max, k1, metric, rows_per_chunk)
     if k2 != 1:
-        rows, cols, vals = _query_expand(rows, cols, vals, top_i[:, :k2], n)
+        rows, cols, vals = _query_expand(rows, cols, vals, top_i[:, :k2], n, rows_per_chunk)
     del top_d, top_i
     return _jaccard_into(out, rows, cols, vals, num_query, lambda_value, pair_budget)
