@@ -17,6 +17,15 @@ from configs import config_path  # noqa: E402
 from trainers import detection  # noqa: E402  (installs mmcv._ext first)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core CI box two OpenMP threads stall each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def sample_root(tmp_path_factory) -> Path:
     from datasets.sample import ensure_sample
