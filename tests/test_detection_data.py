@@ -126,3 +126,28 @@ def test_dataset_bad_input_errors(tmp_path):
         DetrCocoDataset(data_root=str(tmp_path), ann_file="nope.json")
     with pytest.raises(ValueError, match="split='val'"):
         _dataset(tmp_path / "empty", split="val")
+
+
+def test_yolo_to_coco_on_coco8(tmp_path):
+    from datasets import yolo
+
+    root = shared_dataset("coco8")
+    yolo.main(["--root", str(root), "--out", str(tmp_path)])
+    val = json.loads((tmp_path / "val.json").read_text())
+    assert (
+        len(val["images"]) == 4 and val["categories"] == json.loads((tmp_path / "train.json").read_text())["categories"]
+    )
+    first = val["images"][0]
+    cls, cx, cy, w, h = yolo.read_labels(root / "labels" / "val" / (Path(first["file_name"]).stem + ".txt"))[0]
+    ann = next(a for a in val["annotations"] if a["image_id"] == first["id"])
+    assert ann["category_id"] == cls + 1
+    assert ann["bbox"][2] == pytest.approx(min(w * first["width"], first["width"] - ann["bbox"][0]), abs=1e-6)
+    ds = DetrCocoDataset(
+        data_root=str(tmp_path), ann_file="val.json", data_prefix=dict(img=str(root / "images")), test_mode=True
+    )
+    assert len(ds) == 4 and sum(len(ds.get_data_info(i)["instances"]) for i in range(4)) == len(val["annotations"])
+    bad = tmp_path / "bad" / "labels" / "val"
+    bad.mkdir(parents=True)
+    (bad / "x.txt").write_text("3 0.5 oops 0.1 0.1\n")
+    with pytest.raises(ValueError, match=r"x\.txt:1: expected"):
+        yolo.read_labels(bad / "x.txt")
