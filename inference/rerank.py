@@ -86,32 +86,30 @@ def _expansion(rows, r1, m1, r2, m2, n: int) -> tuple[torch.Tensor, torch.Tensor
     size = half_ok.sum(-1).double()
     accept = ok1 & (inside.sum(-1).double() > (2.0 / 3.0) * size)  # the reference's float comparison
     extra = torch.where(half_ok & accept[..., None], half, torch.full_like(half, n)).flatten(1)
-    in_r.scatter_(1, extra, True)
-    in_r[:, n] = False
-    r, c = in_r.nonzero(as_tuple=True)
-    return rows[r], c
+    cand = torch.cat([torch.where(ok1, c1, n), extra], dim=1)
+    local = torch.arange(len(rows), device=r1.device)[:, None].expand_as(cand)
+    key = torch.unique((local * (n + 1) + cand)[cand < n])  # sorted by row, then column; duplicates merged
+    return rows[key // (n + 1)], key % (n + 1)
 
 
 def _lookup(r, c, top_d, top_i, feats, row_max, metric):
     """Normalised squared distances O[r, c], from the kept neighbour lists when there, else recomputed."""
-    rows = torch.unique_consecutive(r)
-    local = torch.full((len(rows), feats.shape[0]), float("nan"), device=feats.device)
-    local.scatter_(1, top_i[rows], top_d[rows])
-    lr = torch.searchsorted(rows, r)
-    vals = local[lr, c]
-    miss = torch.isnan(vals)
-    if bool(miss.any()):
-        a, b = feats[r[miss]], feats[c[miss]]
+    hit = top_i[r] == c[:, None]  # [E, K]: cheaper than any dense [rows, Q+G] scratch on CPU
+    found = hit.any(1)
+    vals = top_d.view(-1).index_select(0, r * top_d.shape[1] + hit.byte().argmax(1))
+    miss = (~found).nonzero().flatten()
+    if miss.numel():
+        a, b = feats.index_select(0, r[miss]), feats.index_select(0, c[miss])
         vals[miss] = _squared(pairwise_distance_pairs, a, b, metric) / row_max[r[miss]]
     return vals
 
 
 def pairwise_distance_pairs(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
     """Distances between matching rows of ``a`` and ``b`` (same formulas as ``pairwise_distance``)."""
+    dot = (a[:, None, :] @ b[:, :, None]).flatten()  # one pass over the rows
     if metric == "cosine":
-        an, bn = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-        return 1.0 - (an * bn).sum(1)
-    d = ((a * a).sum(1) + (b * b).sum(1) - 2.0 * (a * b).sum(1)).clamp_(min=0)
+        return 1.0 - dot / (a.norm(dim=1).clamp(min=1e-12) * b.norm(dim=1).clamp(min=1e-12))
+    d = ((a * a).sum(1) + (b * b).sum(1) - 2.0 * dot).clamp_(min=0)
     return d.sqrt_() if metric == "euclidean" else d
 
 
@@ -145,10 +143,10 @@ def _query_expand(rows, cols, vals, neighbours: torch.Tensor, n: int, chunk_size
         dst = torch.arange(len(src), device=rows.device) // neighbours.shape[1]
         take = counts[src]
         pos = ptr[src].repeat_interleave(take) + _segment_arange(take)
-        acc = torch.zeros(len(src) // neighbours.shape[1], n, dtype=vals.dtype, device=vals.device)
-        acc.index_put_((dst.repeat_interleave(take), cols[pos]), vals[pos], accumulate=True)
-        r, c = acc.nonzero(as_tuple=True)
-        parts.append((r + s, c, acc[r, c] / neighbours.shape[1]))
+        key = dst.repeat_interleave(take) * n + cols[pos]
+        uniq, inverse = torch.unique(key, return_inverse=True)  # sorted: by row, then column
+        acc = torch.zeros(len(uniq), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals[pos])
+        parts.append((uniq // n + s, uniq % n, acc / neighbours.shape[1]))
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
