@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -66,16 +68,42 @@ def _scalars(tb_dir: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, sample_root) -> tuple[Path, Path, dict]:
-    """(config file, run dir, metrics) of one epoch of the tiny det_demo."""
+def trained(tmp_path_factory, sample_root) -> tuple[Path, Path, dict, dict]:
+    """(config, run dir, metrics, preemption facts) of the tiny det_demo: stopped by SIGUSR2 in its first
+    iteration (as SLURM preempts), then resumed with ``resume="auto"`` to the end of epoch 1."""
     tmp_path = tmp_path_factory.mktemp("det_run")
     config = tiny_demo(tmp_path, sample_root)
     run_dir = tmp_path / "run"
-    return config, run_dir, detection.run(config, run_dir=run_dir)
+    sent = []
+
+    def send_once(self, runner, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(detection._MetricsRecorder, "after_train_iter", send_once, raising=False)
+        with pytest.raises(SystemExit) as stop:
+            detection.run(config, run_dir=run_dir)
+    preempted = {
+        "code": stop.value.code,
+        "last": Path((run_dir / "last_checkpoint").read_text()),
+        "handler": signal.getsignal(signal.SIGUSR2),
+    }
+    metrics = detection.run(config, run_dir=run_dir, resume="auto", cfg_options=["default_hooks.logger.interval=1"])
+    return config, run_dir, metrics, preempted
+
+
+def test_preemption_signal_saves_state_and_exits(trained):
+    run_dir, preempted = trained[1], trained[3]
+    assert preempted["code"] == 128 + signal.SIGUSR2
+    assert preempted["last"].name.startswith("preempted_iter_") and preempted["last"].is_file()
+    assert preempted["handler"] is signal.SIG_DFL  # the handler is ours only while training
+    assert "resumed epoch: 0" in "".join(p.read_text() for p in run_dir.rglob("*.log"))
 
 
 def test_det_demo_trains_evaluates_and_resumes(trained):
-    config, run_dir, metrics = trained
+    config, run_dir, metrics, _ = trained
     assert {"coco/bbox_mAP", "coco/bbox_mAP_50", "best/coco/bbox_mAP"} <= set(metrics)
     assert 0.0 <= metrics["coco/bbox_mAP_50"] <= 1.0
     first = run_dir / "epoch_1.pth"

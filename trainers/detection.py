@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,25 +171,47 @@ def _export_best(runner: Runner, run_dir: Path) -> Path | None:
     return out
 
 
-def run(
-    cfg_name_or_path: str | os.PathLike,
-    run_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    cfg_options: dict | None = None,
-    amp: bool = False,
-) -> dict[str, float]:
-    """Train (and evaluate) a detector; returns the last evaluation's metrics plus ``best/coco/bbox_mAP``."""
-    cfg = load_det_config(cfg_name_or_path, cfg_options)
-    name = Path(str(cfg_name_or_path)).stem
-    run_dir = Path(run_dir) if run_dir else _default_run_dir(name, resume)
-    run_dir = run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _TRUSTED_DIRS.add(run_dir)
-    resolve_data(cfg)
+class _StopOnSignal(Hook):
+    """SIGUSR2 / SIGTERM (SLURM preemption, time limit): save a resumable checkpoint after the current
+    iteration, point ``last_checkpoint`` at it and exit with 128 + signal (the launcher then requeues with
+    resume). A resumed run restarts the interrupted epoch's data order from its start."""
+
+    priority = "VERY_LOW"
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("signal %d: saving a checkpoint after this iteration, then exiting", signum)
+        self.signum = signum
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self.signum is None:
+            return
+        name = f"preempted_iter_{runner.iter + 1}.pth"
+        runner.save_checkpoint(runner.work_dir, name, by_epoch=False)  # meta: epoch so far, iter + 1
+        Path(runner.work_dir, "last_checkpoint").write_text(str(Path(runner.work_dir, name)))
+        raise SystemExit(128 + self.signum)
+
+
+def _prepare(cfg: Config, run_dir: Path, resume: bool | str, amp: bool) -> None:
+    """Point the config at ``run_dir`` (work dir, TensorBoard in ``tb/``), resume / load_from, AMP."""
     cfg.work_dir = str(run_dir)
     cfg.resume = bool(resume)
-    if resume:
-        cfg.load_from = None  # Runner then resumes from run_dir/last_checkpoint
+    if resume and resume not in (True, "auto"):
+        cfg.load_from = str(resume)  # resume from this checkpoint file
+    elif resume:
+        cfg.load_from = None  # Runner resumes from run_dir/last_checkpoint (starts fresh when there is none)
     elif cfg.get("load_from") and not Path(cfg.load_from).is_file():
         raise FileNotFoundError(
             f"load_from={cfg.load_from!r} does not exist (weights are local files here, never downloaded); "
@@ -200,10 +224,36 @@ def run(
     for backend in cfg.get("visualizer", {}).get("vis_backends", []):
         if backend.get("type") == "TensorboardVisBackend" and not backend.get("save_dir"):
             backend["save_dir"] = str(run_dir / "tb")
+
+
+def run(
+    cfg_name_or_path: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool | str = False,
+    cfg_options: dict | list[str] | None = None,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Train (and evaluate) a detector; returns the last evaluation's metrics plus ``best/coco/bbox_mAP``.
+
+    ``resume``: True / "auto" = the newest checkpoint in ``run_dir``, or a checkpoint path. ``cfg_options``:
+    mmengine ``--cfg-options`` as a dict (string values are parsed like the command line) or ``k=v`` strings.
+    """
+    cfg = load_det_config(cfg_name_or_path, parse_cfg_options(cfg_options))
+    name = Path(str(cfg_name_or_path)).stem
+    run_dir = Path(run_dir or _default_run_dir(name, bool(resume))).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _TRUSTED_DIRS.add(run_dir)
+    resolve_data(cfg)
+    _prepare(cfg, run_dir, resume, amp)
     runner = Runner.from_cfg(cfg)
-    recorder = _MetricsRecorder()
+    recorder, stopper = _MetricsRecorder(), _StopOnSignal()
     runner.register_hook(recorder)
-    runner.train()
+    runner.register_hook(stopper)
+    stopper.install()
+    try:
+        runner.train()
+    finally:
+        stopper.uninstall()
     metrics = dict(recorder.metrics)
     best = runner.message_hub.get_info("best_score")
     if best is not None:
@@ -212,11 +262,19 @@ def run(
     return metrics
 
 
-def parse_cfg_options(pairs: list[str]) -> dict:
-    """``["a.b=1", "c=x"]`` -> mmengine's typed dict (what ``--cfg-options`` gives the Runner)."""
+def parse_cfg_options(options: dict | list[str] | tuple[str, ...] | None) -> dict:
+    """mmengine's typed ``--cfg-options`` dict from ``["a.b=1", "c=x"]`` or ``{"a.b": "1"}``; typed values pass."""
+    if not options:
+        return {}
+    if isinstance(options, dict):
+        typed = {k: v for k, v in options.items() if not isinstance(v, str)}
+        pairs = [f"{k}={v}" for k, v in options.items() if isinstance(v, str)]
+    else:
+        typed, pairs = {}, list(options)
     parser = argparse.ArgumentParser()
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
-    return parser.parse_args(["--cfg-options", *pairs]).cfg_options if pairs else {}
+    parsed = parser.parse_args(["--cfg-options", *pairs]).cfg_options if pairs else {}
+    return {**parsed, **typed}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
