@@ -199,3 +199,11 @@ def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):
     assert expected | {"train/images_per_s", "eval/mAP", "eval/rank1", "eval/rank5", "eval/mINP"} <= tags["scalars"]
     assert "eval/rank_list" in tags["images"]
     assert "Validation Results - Epoch: 1" in (tmp_path / "ev" / "train.log").read_text()
+
+
+def test_bf16_channels_last_grad_accum_and_clipping(shards, tmp_path):
+    extra = ["train.precision=bf16", "train.channels_last=true", "optim.grad_accum=2", "optim.clip_grad=1.0"]
+    result = run(_cfg(shards, *extra, "schedule.epochs=1", "model.head=arcface"), run_dir=str(tmp_path / "bf"))
+    assert result["global_step"] == 3
+    weights = _final_weights(tmp_path / "bf")
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
 
 from configs import ExperimentConfig, to_dict
@@ -50,6 +51,10 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
         # the stream is not an Accelerate-prepared loader, so "auto" cannot be filled from it
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // world
+    # run() may be called again in one process (tests, benchmarks) with other precision/accumulation
+    # settings; Accelerate keeps them in singletons, so forget the previous run's (not the process group)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
     return Accelerator(
         mixed_precision=cfg.train.precision,
