@@ -374,14 +374,16 @@ def run(
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. retr_demo)")
-    parser.add_argument("--resume", default=None, help="auto (newest state in the run dir) or a state file")
+    parser.add_argument("--resume", default=None, help="auto (newest state of --run-dir or newest run) or a file")
     parser.add_argument("--run-dir", default=None, help="run directory (default runs/NAME/<job id or time>)")
     parser.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps, state saved")
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    if args.resume == "auto" and not args.run_dir:
-        parser.error("--resume auto needs --run-dir (the run whose checkpoints/ to continue)")
-    return run(cfg, args.run_dir, args.resume, args.max_steps)
+    run_dir = args.run_dir
+    if args.resume == "auto" and not run_dir:  # the newest run of this experiment that has a state
+        runs = [p for p in (Path(cfg.output_dir) / cfg.name).glob("*") if ckpt.list_states(p / "checkpoints")]
+        run_dir = str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+    return run(cfg, run_dir, args.resume, args.max_steps)
 
 
 if __name__ == "__main__":
