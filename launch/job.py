@@ -79,6 +79,8 @@ class TrainJob(submitit.helpers.Checkpointable):
             submitit_handler(signum, frame)
 
         signal.signal(sig, requeue)  # still submitit's behaviour when the trainer does not catch the signal
+        # SLURM signals every process of the step; forked helpers (DataLoader workers) must not die of it.
+        os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))
         try:
             return self._run_trainer(run_dir)
         except SystemExit as exc:

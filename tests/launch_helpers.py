@@ -33,13 +33,15 @@ def wait_for(predicate, deadline_s: float, what: str, poll_s: float = 0.5) -> No
 
 
 def preempt(job: submitit.Job) -> None:
-    """Preempt a job as SLURM does (SIGTERM then SIGUSR2 to every task); on SLURM also release the requeue.
+    """Send the preemption / time-limit signal to every task; on SLURM also release the requeued job.
 
     submitit's LocalJob._interrupt signals the local controller, not the tasks, so local tasks (the
     controller's children) are signalled directly.
     """
     if isinstance(job, submitit.SlurmJob):
-        job._interrupt()
+        # USR2 only, as at a time limit (SLURM's preemption SIGTERM also reaches DataLoader workers, which
+        # torch makes exit on SIGTERM unless the loader's worker_init_fn ignores it).
+        job._interrupt(timeout=True)
         release_requeued(job.job_id)
         return
     pid = int(job.job_id)

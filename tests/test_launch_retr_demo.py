@@ -84,9 +84,12 @@ def test_retr_demo_is_preempted_resumes_and_evaluates(cluster, demo, capsys):
         assert (folder / name).is_file(), name
     assert list(folder.glob("mAP*.pth")) and list((folder / "checkpoints").glob("state-*.pt"))
     assert json.loads((folder / "config.json").read_text())["schedule"]["epochs"] == EPOCHS
+    final = "COMPLETED" if cluster == "slurm" else "FINISHED"
+    wait_for(lambda: jobs.job_state(job, cluster) == final, 60, f"state {final}")  # sacct lags the result files
     capsys.readouterr()
     assert main(["--status", job.job_id, "--runs", str(folder.parents[1])]) == 0
-    assert "COMPLETED" in capsys.readouterr().out or cluster == "local"
+    out = capsys.readouterr().out
+    assert f"job {job.job_id} ({cluster}): {final}" in out and "mAP=" in out
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
