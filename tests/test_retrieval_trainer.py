@@ -1,5 +1,6 @@
 """The retrieval trainer end to end on CPU: kill-and-resume equality, signals, bad input, NaN steps."""
 
+import json
 import os
 import signal
 
@@ -207,3 +208,15 @@ def test_bf16_channels_last_grad_accum_and_clipping(shards, tmp_path):
     assert result["global_step"] == 3
     weights = _final_weights(tmp_path / "bf")
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_cli_stop_then_resume_auto_finds_the_run(shards, tmp_path):
+    from trainers.retrieval import main
+
+    args = ["--config", "retr_demo", *FAST, f"data.shards={shards}", f"output_dir={tmp_path}", "schedule.epochs=1"]
+    with pytest.raises(Stopped):
+        main([*args, "--max-steps", "1"])
+    (run_dir,) = list((tmp_path / "retr_demo").iterdir())
+    assert json.loads((run_dir / "config.json").read_text())["data"]["shards"] == str(shards)
+    result = main([*args, "--resume", "auto"])
+    assert result["global_step"] == 3 and result["run_dir"] == str(run_dir)
