@@ -32,7 +32,7 @@ def _merge_top(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor, ne
 def _update(state, rows: slice, d2: torch.Tensor, col0: int) -> None:
     """Fold a block of squared distances (rows x columns from ``col0``) into the row maxima and neighbours."""
     row_max, top_d, top_i = state
-    row_max[rows] = torch.maximum(row_max[rows], d2.max(1).values)
+    row_max[rows] = torch.maximum(row_max[rows], d2.amax(1))
     k = min(top_d.shape[1], d2.shape[1])
     v, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)
     top_d[rows], top_i[rows] = _merge_top(top_d[rows], top_i[rows], v, i + col0)

@@ -81,3 +81,15 @@ def test_bad_input():
         k_reciprocal_rerank(np.ones((2, 4)), g, k1=3, k2=9)
     with pytest.raises(ValueError, match="lambda"):
         k_reciprocal_rerank(np.ones((2, 4)), g, lambda_value=2.0)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(11)
+    centers = rng.standard_normal((10, 32))
+    q, g = _clustered(rng, 40, 32, centers), _clustered(rng, 300, 32, centers)
+    cpu = k_reciprocal_rerank(q, g, chunk_size=64)
+    gpu = k_reciprocal_rerank(q, g, chunk_size=64, device="cuda")
+    assert gpu.device.type == "cuda" and torch.allclose(cpu, gpu.cpu(), atol=1e-6)
