@@ -217,6 +217,10 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool | str, amp: bool) -> None:
             f"load_from={cfg.load_from!r} does not exist (weights are local files here, never downloaded); "
             "put the checkpoint there or pass --cfg-options load_from=None"
         )
+    if cfg.get("launcher", "none") == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cfg.launcher = "pytorch"  # torchrun / submitit exported RANK, WORLD_SIZE, MASTER_ADDR: train synced
+    if not torch.cuda.is_available() and cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend") == "nccl":
+        cfg.env_cfg.dist_cfg.backend = "gloo"  # nccl needs GPUs
     if amp:  # the same switch as mmdet's tools/train.py --amp
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
