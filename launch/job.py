@@ -70,12 +70,16 @@ class TrainJob(submitit.helpers.Checkpointable):
             _remove_literal_folder()
             if self.cfg is not None:
                 save_config(self.cfg, run_dir / "config.json")
+        return self._run_requeueing(run_dir, dist.rank)
+
+    def _run_requeueing(self, run_dir: Path, rank: int) -> Any:
+        """Run the trainer; when it stops on the preemption signal, let submitit checkpoint and requeue."""
         sig = submitit.JobEnvironment._usr_sig()
         submitit_handler = signal.getsignal(sig)  # checkpoint() + requeue + exit on rank 0
-        self._requeued = False
+        requeued = []
 
         def requeue(signum: int, frame: Any) -> None:
-            self._requeued = True
+            requeued.append(signum)
             submitit_handler(signum, frame)
 
         signal.signal(sig, requeue)  # still submitit's behaviour when the trainer does not catch the signal
@@ -86,22 +90,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         except SystemExit as exc:
             # Contract with the trainers: after SIGUSR2/SIGTERM they save their state at the next step
             # boundary and raise SystemExit with a non-zero code (128 + signal); requeue then.
-            if exc.code not in (0, None) and dist.rank == 0 and not self._requeued:
+            if exc.code not in (0, None) and rank == 0 and not requeued:
                 log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
                 requeue(sig, None)
             raise
 
     def _run_trainer(self, run_dir: Path) -> Any:
         module = importlib.import_module(self.trainer)
-        if self.cfg is None:
-            return module.run(
-                self.config_name, run_dir=str(run_dir), resume=self.resume is not None, cfg_options=self._options()
-            )
+        if self.cfg is None:  # mmengine config: trainers.detection.run(name, run_dir, resume, cfg_options)
+            options = list(self.options) or None
+            return module.run(self.config_name, run_dir=str(run_dir), resume=self.resume or False, cfg_options=options)
         return module.run(self.cfg, run_dir=str(run_dir), resume=self.resume)
-
-    def _options(self) -> dict[str, str] | None:
-        pairs = dict(option.split("=", 1) for option in self.options)
-        return pairs or None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time limit: requeue the same job resuming from its state."""
@@ -112,7 +111,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def describe(self) -> str:
         """The call each task makes, for ``--dry-run``."""
-        cfg = f"configs.{self.config_name}" if self.cfg is None else f"load_config({self.config_name!r}, ...)"
+        if self.cfg is None:
+            cfg = f"{self.config_name!r}, cfg_options={list(self.options) or None}"
+        else:
+            cfg = f"load_config({self.config_name!r}, <overrides>)"
         return f"{self.trainer}.run({cfg}, run_dir='<job folder>', resume={self.resume!r})"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def print_status(job_id: str, runs: str | Path) -> int:
     print(f"  log:    {job.paths.stdout} {job.paths.stderr}")
     if job.paths.result_pickle.exists():
         kind, value = _outcome(job)
-        print(f"  result: {format_result(value) if kind == 'success' else value.strip().splitlines()[-1]}")
+        print(f"  result: {format_result(value) if kind == 'success' else error_line(value)}")
     return 0
 
 
@@ -161,7 +162,7 @@ def wait_and_report(job: submitit.Job, deadline_s: float) -> int:
     try:
         result = job.results()[0]  # rank 0's
     except (FailedJobError, UncompletedJobError) as exc:
-        print(f"job {job.job_id} failed:\n{exc}")
+        print(f"job {job.job_id} failed: {error_line(str(exc))}\n  full traceback: {job.paths.stderr}")
         return 1
     print(f"job {job.job_id} finished: {format_result(result)}")
     return 0
@@ -171,6 +172,13 @@ def format_result(result: Any) -> str:
     if isinstance(result, dict):
         return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     return repr(result)
+
+
+def error_line(traceback_text: str) -> str:
+    """The exception line of a task's traceback (its last ``SomeError: message`` line)."""
+    lines = [line.strip() for line in traceback_text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    return errors[-1] if errors else (lines[-1] if lines else traceback_text)
 
 
 def sbatch_error(exc: Exception) -> str:

@@ -59,6 +59,10 @@ def submit(
     if dry_run:
         print_dry_run(task, launch, cluster, folder, job_name)
         return None
+    if cfg is not None and trainer is None and cfg.trainer != "detection":
+        from datasets.shards import read_manifest
+
+        read_manifest(cfg.data.shards)  # fail here, not minutes later in the job, when the shards are missing
     # the tasks import this repository (also when it is not pip-installed)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     executor = make_executor(cluster, launch, folder, job_name)
@@ -83,7 +87,7 @@ def print_dry_run(task: TrainJob, launch: LaunchConfig, cluster: str, folder: Pa
 def print_follow(job: submitit.Job, cluster: str) -> None:
     folder = Path(job.paths.folder)
     me = "python launch/slurm.py" if Path.cwd().resolve() == REPO else f"python {Path(__file__).resolve()}"
-    queue = f"squeue -j {job.job_id}" if cluster == "slurm" else f"{me} --status {job.job_id}"
+    queue = f"squeue -j {job.job_id}" if cluster == "slurm" else f"ps -o pid,etime,args --ppid {job.job_id}"
     print(f"submitted job {job.job_id} ({cluster}, {job.num_tasks} task(s)) -> {folder}")
     print(f"  log:         tail -f {job.paths.stdout} {job.paths.stderr}")
     print(f"  queue:       {queue}")

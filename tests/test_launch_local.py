@@ -54,12 +54,13 @@ def test_local_job_trains_with_two_synced_tasks(preempted):
     assert json.loads((folder / "launch.json").read_text())["cluster"] == "local"
 
 
-def test_local_preemption_requeues_and_resumes_without_losing_steps(preempted):
+def test_local_preemption_requeues_and_resumes_without_losing_steps(preempted, capsys):
     job, folder, _ = preempted
     log = folder / f"{job.job_id}_0_log.err"
     (saved_at,) = log_ints(log, r"state saved at step (\d+)")
     (resumed_from,) = log_ints(log, r"resumed from step (\d+)")
-    print(f"local preemption: state saved at step {saved_at}, resumed from step {resumed_from}")
+    with capsys.disabled():
+        print(f"\nlocal tiny job preempted: state saved at step {saved_at}, resumed from step {resumed_from}")
     assert "Requeued job" in log.read_text()
     assert saved_at >= 20 and resumed_from == saved_at
     steps = logged_steps(folder)
@@ -85,3 +86,11 @@ def test_cancel_stops_a_local_job_and_reports_it(tmp_path, capsys):
     assert "CANCELLED" in capsys.readouterr().out
     main(["--status", job.job_id, "--runs", str(tmp_path)])
     assert f"job {job.job_id} (local): CANCELLED" in capsys.readouterr().out
+
+
+def test_a_job_that_fails_early_is_reported_without_hanging(tmp_path, capsys):
+    job = submit("retr_demo", [f"output_dir={tmp_path}"], cluster="local", trainer="tests.no_such_trainer")
+    assert jobs.wait_and_report(job, 60) == 1
+    out = capsys.readouterr().out
+    assert f"job {job.job_id} failed: ModuleNotFoundError: No module named 'tests.no_such_trainer'" in out
+    assert str(job.paths.stderr) in out

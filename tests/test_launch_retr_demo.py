@@ -67,9 +67,8 @@ def test_retr_demo_is_preempted_resumes_and_evaluates(cluster, demo, capsys):
     assert "Job completed successfully" in text, text[-3000:]
     (stopped_at,) = log_ints(log, r"stopped by SIG\w+ at epoch \d+ step (\d+)")
     (resumed_from,) = log_ints(log, r"resumed from .*: epoch \d+, batch \d+, step (\d+)")
-    print(
-        f"{cluster} preemption of job {job.job_id}: state saved at step {stopped_at}, resumed from step {resumed_from}"
-    )
+    with capsys.disabled():  # shown in the test output: the step the job resumed from
+        print(f"\n{cluster} job {job.job_id} preempted: state saved at step {stopped_at}, resumed from {resumed_from}")
     assert "Requeued job" in text
     assert resumed_from >= stopped_at - EVERY and resumed_from == stopped_at
     steps = logged_steps(folder)
