@@ -53,10 +53,12 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         env = submitit.JobEnvironment()
-        dist = submitit.helpers.TorchDistributedEnvironment().export(
-            set_cuda_visible_devices=self.use_gpu, overwrite=True
-        )
-        if not self.use_gpu:
+        dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        if self.use_gpu:
+            # one GPU per task: the local_rank-th of the GPUs SLURM (or the local executor) gave this node
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist.local_rank] if visible else str(dist.local_rank)
+        else:
             # Accelerate only builds a multi-process CPU (gloo) state when told it is on CPU.
             os.environ["ACCELERATE_USE_CPU"] = "1"
         os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))

@@ -65,3 +65,12 @@ def release_requeued(job_id: str, deadline_s: float = 60.0) -> None:
 def log_ints(path: Path, pattern: str) -> list[int]:
     """Integers captured by ``pattern`` (one group) in a log file."""
     return [int(m) for m in re.findall(pattern, path.read_text())]
+
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
+            "ACCELERATE_USE_CPU")  # fmt: skip
+
+
+def run(cfg, run_dir: str | None = None, resume: str | None = None) -> dict:
+    """A trainer entry point that reports the environment a task gets (see test_launch_cli)."""
+    return {"env": {k: os.environ.get(k) for k in ENV_KEYS}, "run_dir": run_dir, "resume": resume}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,26 @@ def test_mmengine_configs_take_launch_overrides_and_pass_the_rest_as_cfg_options
         pytest.skip("no mmengine (detection) config in configs/")
     cfg, launch, options = job_spec(names[0], ["launch.cpu_tasks=2", "train_cfg.max_epochs=1"])
     assert cfg is None and launch.cpu_tasks == 2 and options == ("train_cfg.max_epochs=1",)
+
+
+@pytest.mark.parametrize("use_gpu, visible, expected", [(False, "", None), (True, "4,6", "6"), (True, "", "1")])
+def test_task_environment_comes_from_submitit(tmp_path, use_gpu, visible, expected):
+    """TrainJob in a (simulated) local submitit task 1 of 2: rank env for Accelerate, one GPU per task."""
+    code = (
+        "import json; from configs import load_config; from launch.job import TrainJob; "
+        f"job = TrainJob(load_config('retr_demo'), 'retr_demo', 'tests.launch_helpers', {use_gpu}); "
+        "print(json.dumps(job()))"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SUBMITIT_EXECUTOR": "local",
+           "SUBMITIT_FOLDER": str(tmp_path / "%j"), "SUBMITIT_LOCAL_JOB_ID": "77", "SUBMITIT_LOCAL_NTASKS": "2",
+           "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_GLOBALID": "1", "CUDA_VISIBLE_DEVICES": visible}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["run_dir"] == str(tmp_path / "77") and result["resume"] is None
+    task_env = result["env"]
+    assert (task_env["RANK"], task_env["WORLD_SIZE"], task_env["LOCAL_RANK"]) == ("1", "2", "1")
+    assert task_env["MASTER_ADDR"] and task_env["MASTER_PORT"]
+    assert task_env["ACCELERATE_USE_CPU"] == (None if use_gpu else "1")
+    if use_gpu:
+        assert task_env["CUDA_VISIBLE_DEVICES"] == expected
