@@ -49,7 +49,10 @@ def load_job(job_id: str, runs: str | Path) -> tuple[submitit.Job, str]:
     if found is None:
         if not submitit.SlurmExecutor.affinity() > 0:
             raise ValueError(f"no job folder {Path(runs) / '*' / str(job_id)} (with {RECORD}) and no SLURM here")
-        return submitit.SlurmJob(folder=Path(runs) / "unknown" / "%j", job_id=str(job_id)), "slurm"
+        job = submitit.SlurmJob(folder=Path(runs) / "unknown" / "%j", job_id=str(job_id))
+        if job_state(job, "slurm") == "UNKNOWN":
+            raise ValueError(f"no job folder {Path(runs) / '*' / str(job_id)} and SLURM knows no job {job_id}")
+        return job, "slurm"
     folder, record = found
     tasks = list(range(record["num_tasks"]))
     if record["cluster"] == "slurm":
@@ -106,6 +109,10 @@ def print_status(job_id: str, runs: str | Path) -> int:
 def cancel(job_id: str, runs: str | Path, deadline_s: float = 60.0) -> int:
     """Cancel the job and wait (with a deadline) until it is no longer running."""
     job, cluster = load_job(job_id, runs)
+    state = job_state(job, cluster)
+    if not _active(state, cluster, job):
+        print(f"job {job_id} ({cluster}): already {state}; nothing to cancel")
+        return 0
     if cluster == "slurm":
         job.cancel(check=True)
     else:
