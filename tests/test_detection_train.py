@@ -141,3 +141,18 @@ def test_missing_load_from_is_a_clear_error(tmp_path, sample_root):
     config = tiny_demo(tmp_path, sample_root)
     with pytest.raises(FileNotFoundError, match="load_from"):
         detection.run(config, run_dir=tmp_path / "run", cfg_options={"load_from": "weights/nope.pth"})
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_synced(tmp_path, sample_root):
+    import subprocess
+    import sys
+
+    config = tiny_demo(tmp_path, sample_root)
+    script = Path(detection.__file__)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    cmd += ["--config", str(config), "--work-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Distributed training: True" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "epoch_1.pth").is_file()

@@ -204,6 +204,21 @@ class _StopOnSignal(Hook):
         raise SystemExit(128 + self.signum)
 
 
+def _cpu_distributed(cfg: Config) -> None:
+    """Multi-process training on CPU: mmengine 0.10.7's pytorch launcher calls ``torch.cuda.set_device`` and
+    wraps DDP with ``device_ids=[LOCAL_RANK]``; both fail without GPUs, so start gloo here and wrap without ids."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    cfg.model_wrapper_cfg = dict(
+        type="MMDistributedDataParallel",
+        device_ids=None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get("find_unused_parameters", False),
+    )
+
+
 def _prepare(cfg: Config, run_dir: Path, resume: bool | str, amp: bool) -> None:
     """Point the config at ``run_dir`` (work dir, TensorBoard in ``tb/``), resume / load_from, AMP."""
     cfg.work_dir = str(run_dir)
@@ -219,8 +234,8 @@ def _prepare(cfg: Config, run_dir: Path, resume: bool | str, amp: bool) -> None:
         )
     if cfg.get("launcher", "none") == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         cfg.launcher = "pytorch"  # torchrun / submitit exported RANK, WORLD_SIZE, MASTER_ADDR: train synced
-    if not torch.cuda.is_available() and cfg.get("env_cfg", {}).get("dist_cfg", {}).get("backend") == "nccl":
-        cfg.env_cfg.dist_cfg.backend = "gloo"  # nccl needs GPUs
+    if cfg.get("launcher", "none") != "none" and not torch.cuda.is_available():
+        _cpu_distributed(cfg)
     if amp:  # the same switch as mmdet's tools/train.py --amp
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
