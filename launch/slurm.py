@@ -23,7 +23,6 @@ from launch import jobs
 from launch.executor import make_executor, resolve_cluster, sbatch_script, tasks_per_node
 from launch.job import TrainJob, trainer_module
 
-log = logging.getLogger("launch")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +58,7 @@ def submit(
     if dry_run:
         print_dry_run(task, launch, cluster, folder, job_name)
         return None
-    if cfg is not None and trainer is None and cfg.trainer != "detection":
+    if cfg is not None and trainer is None:
         from datasets.shards import read_manifest
 
         read_manifest(cfg.data.shards)  # fail here, not minutes later in the job, when the shards are missing
