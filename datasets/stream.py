@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import signal
 from collections.abc import Callable, Iterator
 
 import torch
@@ -35,6 +36,17 @@ from datasets.transforms import decode, eval_transform, train_transform
 log = logging.getLogger(__name__)
 
 META_KEYS = ("label", "identity", "camera", "index")
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR2 to the trainer, which saves its state before stopping.
+
+    SLURM signals every process of a job step on preemption; a worker that died of it would crash the
+    training loop before the trainer could write its resumable state. Orphaned workers still exit: torch's
+    worker watchdog stops them when the main process is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _expand(urls: dict[str, dict], shards_dir: str) -> Callable[[Iterator[dict]], Iterator[dict]]:
@@ -116,7 +128,9 @@ class TrainLoader:
         return len(self.plan.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers)
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals
+        )
         parts_per_batch = max(1, self.workers)
         parts = iter(loader)
         for number in range(len(self)):
@@ -171,7 +185,9 @@ class EvalLoader:
         self.dataset = wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[dict]:
-        yield from DataLoader(self.dataset, batch_size=None, num_workers=self.workers)
+        yield from DataLoader(
+            self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals
+        )
 
 
 def eval_loader(cfg: ExperimentConfig, split: str, rank: int = 0, world_size: int = 1) -> EvalLoader:

@@ -151,3 +151,22 @@ def test_corrupt_shard_fails_the_stream_naming_the_shard(shards, tmp_path):
         list(eval_loader(make_cfg(copy, num_workers=0), "query", 0, 1))
     with pytest.raises(Exception, match=shard["file"]):
         list(eval_loader(make_cfg(copy, num_workers=2), "query", 0, 1))
+
+
+def test_workers_survive_the_preemption_signal(shards):
+    """SLURM sends SIGTERM to every process of a job: workers must leave it to the trainer, not die."""
+    import os
+    import signal
+
+    import psutil
+
+    cfg = make_cfg(shards, num_workers=2)
+    batches = iter(train_loader(cfg, 0, 1, 0))
+    first = next(batches)
+    workers = psutil.Process(os.getpid()).children()
+    assert workers, "the loader should run worker processes"
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        os.kill(w.pid, signal.SIGUSR2)
+    rest = list(batches)  # a worker killed by the signal would raise here
+    assert rest and all(b["image"].shape[0] == 8 for b in [first, *rest])
