@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from configs import PrepareConfig, load_config
+from configs import ExperimentConfig, PrepareConfig, load_config
 from datasets.crop import CropError, CropSettings, crop_record
 from datasets.records import Record, stats_table
-from datasets.shards import FORMAT_VERSION, MANIFEST, ShardSink, remove_stale, write_json_atomic
+from datasets.shards import FORMAT_VERSION, MANIFEST, ShardSink, read_manifest, remove_stale, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,39 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_from_config(
+    cfg: ExperimentConfig, splits: Sequence[str] = (), progress: bool = True, show=log.info
+) -> dict:
+    """Read ``cfg.data``'s records and write the chosen splits (default: train, query, gallery) as shards.
+
+    ``show`` receives the statistics table of what is written (the CLI prints it).
+    """
+    from datasets.readers import read_records
+
+    d = cfg.data
+    records = read_records(d)
+    wanted = list(splits) or [d.train_split, d.query_split, d.gallery_split]
+    unknown = [s for s in wanted if s not in records]
+    if unknown:
+        raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
+    chosen = {s: records[s] for s in dict.fromkeys(wanted)}
+    show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
+    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress)
+
+
+def ensure_shards(cfg: ExperimentConfig) -> dict:
+    """The manifest of ``cfg.data.shards``; the embedded sample (``data.reader=sample``) is prepared when absent.
+
+    Other readers are never prepared implicitly: a real dataset's crops take a while and belong in an
+    explicit step, which the error names.
+    """
+    if not (Path(cfg.data.shards) / MANIFEST).is_file() and cfg.data.reader == "sample":
+        log.info("no shards in %s yet: preparing the embedded sample", cfg.data.shards)
+        manifest = prepare_from_config(cfg, progress=False)
+        log.info("wrote %s/%s\n%s", cfg.data.shards, MANIFEST, summary(manifest))
+    return read_manifest(cfg.data.shards)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point; returns the manifest."""
     parser = argparse.ArgumentParser(prog="python -m datasets.prepare", description=__doc__.splitlines()[0])
@@ -180,18 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides)
-    from datasets.readers import read_records  # [A]'s module; imported late so the writer works without it
-
-    records = read_records(cfg.data)
-    d = cfg.data
-    wanted = [s for s in args.splits.split(",") if s] or [d.train_split, d.query_split, d.gallery_split]
-    unknown = [s for s in wanted if s not in records]
-    if unknown:
-        raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
-    chosen = {s: records[s] for s in dict.fromkeys(wanted)}
-    print(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
-    manifest = prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, not args.no_progress)
-    print(f"wrote {d.shards}/{MANIFEST}\n{summary(manifest)}")
+    splits = [s for s in args.splits.split(",") if s]
+    manifest = prepare_from_config(cfg, splits, progress=not args.no_progress, show=print)
+    print(f"wrote {cfg.data.shards}/{MANIFEST}\n{summary(manifest)}")
     return manifest
 
 

@@ -59,9 +59,9 @@ def submit(
         print_dry_run(task, launch, cluster, folder, job_name)
         return None
     if cfg is not None and trainer is None:
-        from datasets.shards import read_manifest
+        from datasets.prepare import ensure_shards
 
-        read_manifest(cfg.data.shards)  # fail here, not minutes later in the job, when the shards are missing
+        ensure_shards(cfg)  # prepare the embedded sample, or fail here (not minutes later in the job) without shards
     # the tasks import this repository (also when it is not pip-installed)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     executor = make_executor(cluster, launch, folder, job_name)

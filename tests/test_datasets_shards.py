@@ -188,3 +188,16 @@ def test_prepare_cli_on_market_mini(tmp_path, capsys):
     assert "# ids" in text and "gallery" in text and f"wrote {out}/{MANIFEST}" in text
     assert manifest["splits"]["train"]["count"] == 32 and verify_shards(out) == 6
     assert all(not e["skipped"] for e in manifest["splits"].values())
+
+
+def test_ensure_shards_prepares_only_the_embedded_sample(tmp_path):
+    from configs import load_config
+    from datasets.prepare import ensure_shards
+
+    cfg = load_config("retr_demo", [f"data.root={tmp_path}/sample", f"data.shards={tmp_path}/shards"])
+    manifest = ensure_shards(cfg)
+    assert (tmp_path / "shards" / MANIFEST).is_file() and manifest["splits"]["train"]["count"] > 0
+    assert ensure_shards(cfg) == manifest  # present: read, not rewritten
+    other = load_config("reid_demo", [f"data.shards={tmp_path}/none"])
+    with pytest.raises(FileNotFoundError, match="datasets.prepare"):
+        ensure_shards(other)

@@ -328,7 +328,7 @@ def run(
     ``loader_fn(cfg, rank, world_size, epoch)`` defaults to ``datasets.stream.train_loader``; another one
     (tests) must come with its ``num_classes``.
     """
-    from datasets.shards import read_manifest
+    from datasets.prepare import ensure_shards
     from datasets.stream import train_loader
 
     loader_fn = loader_fn or train_loader
@@ -342,7 +342,8 @@ def run(
     log.info("run dir %s; %d process(es) on %s, precision %s", run_path, accelerator.num_processes,
              accelerator.device, cfg.train.precision)  # fmt: skip
     if loader_fn is train_loader:
-        manifest = read_manifest(cfg.data.shards)
+        with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
+            manifest = ensure_shards(cfg)
         num_classes = check_data(cfg, manifest, accelerator.num_processes)
         splits = [cfg.data.train_split, cfg.data.query_split, cfg.data.gallery_split]
         log.info("\n%s", manifest_table(manifest, splits, title=cfg.data.shards))
