@@ -171,12 +171,10 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def prepare_from_config(
-    cfg: ExperimentConfig, splits: Sequence[str] = (), progress: bool = True, show=log.info
-) -> dict:
+def prepare_from_config(cfg: ExperimentConfig, splits: Sequence[str] = (), progress: bool = True, show=None) -> dict:
     """Read ``cfg.data``'s records and write the chosen splits (default: train, query, gallery) as shards.
 
-    ``show`` receives the statistics table of what is written (the CLI prints it).
+    ``show`` (the CLI's ``print``) receives the statistics table of what is written; the reader logs its own.
     """
     from datasets.readers import read_records
 
@@ -187,7 +185,8 @@ def prepare_from_config(
     if unknown:
         raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
     chosen = {s: records[s] for s in dict.fromkeys(wanted)}
-    show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
+    if show is not None:
+        show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
     return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress)
 
 
