@@ -1,4 +1,4 @@
-"""Neck and head pieces of the retrieval model: GeM pooling, BNNeck, linear and margin classifiers."""
+"""Neck and head pieces of the retrieval model: pooling choice, BNNeck, linear and margin classifiers."""
 
 from __future__ import annotations
 
@@ -8,32 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class GeM(nn.Module):
-    """Generalised-mean pooling over H, W with a learnable exponent ``p``."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
-
-
-class AvgPool(nn.Module):
-    """Global average pooling of an NCHW map to [B, C]."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+from inference.aggregate import GAP, GeM
 
 
 def build_pooling(name: str, gem_p: float = 3.0) -> nn.Module:
     """``avg`` or ``gem``."""
     if name == "avg":
-        return AvgPool()
+        return GAP()
     if name == "gem":
-        return GeM(gem_p)
+        return GeM(gem_p, learnable=True)
     raise ValueError(f"model.pooling={name!r} is not valid; choose one of ['avg', 'gem']")
 
 
