@@ -3,8 +3,10 @@
 For each set (256x128 person crops from mars_mini, 224x224 product crops from grocery_store) the crops are
 written once as shards (``datasets.prepare``) and as a folder of the same JPEG files; then, in one run and
 alternating, it times (s) the training stream (``datasets.stream.train_loader``), (a) a map-style folder
-dataset with the same decode + transforms through a torch DataLoader, and (b) the same decode + transforms
-in a tight single-process loop over the same JPEG bytes held in memory. Prints a markdown table.
+dataset with the same decode + per-image torchvision transforms through a torch DataLoader, (b) the same decode
++ per-image torchvision transforms in a tight single-process loop over the same JPEG bytes held in memory (the
+issue's ceiling), and (b') decode + the stream's own batched augmentation (``BatchAugment``, same
+augmentation distribution) in the same tight loop: the ceiling for the code the stream runs. Prints a table.
 
     python bench/bench_stream.py [--workers 1 2] [--repeats 3] [--limit 1600]
 """
@@ -33,7 +35,7 @@ from datasets.prepare import prepare_shards  # noqa: E402
 from datasets.records import Record, assign_labels  # noqa: E402
 from datasets.shards import iter_shard, read_manifest  # noqa: E402
 from datasets.stream import train_loader  # noqa: E402
-from datasets.transforms import decode, train_transform  # noqa: E402
+from datasets.transforms import BatchAugment, decode, train_transform  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -108,6 +110,14 @@ def time_ceiling(blobs: list[bytes], cfg) -> tuple[int, float]:
     return len(blobs), time.perf_counter() - start
 
 
+def time_batched_ceiling(blobs: list[bytes], cfg) -> tuple[int, float]:
+    augment, size = BatchAugment(cfg), cfg.data.batch_size
+    start = time.perf_counter()
+    for i in range(0, len(blobs), size):
+        augment([decode(b) for b in blobs[i : i + size]])
+    return len(blobs), time.perf_counter() - start
+
+
 def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *overrides: str) -> list[dict]:
     cfg = load_config(config, [f"data.shards={tmp / name}", "train.seed=0", *overrides])
     records, _ = assign_labels(records)
@@ -121,6 +131,8 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
     for rep in range(args.repeats):
         n, dt = time_ceiling(blobs, cfg)
         rates.setdefault("ceiling", []).append(n / dt)
+        n, dt = time_batched_ceiling(blobs, cfg)
+        rates.setdefault("batched", []).append(n / dt)
         for w in args.workers:
             n, dt = time_stream(cfg, w, epoch=rep)
             rates.setdefault(f"stream{w}", []).append(n / dt / w)
@@ -129,7 +141,7 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
     med = {k: statistics.median(v) for k, v in rates.items()}
     rows = []
     for w in args.workers:
-        s, f, c = med[f"stream{w}"], med[f"folder{w}"], med["ceiling"]
+        s, f, c, cb = med[f"stream{w}"], med[f"folder{w}"], med["ceiling"], med["batched"]
         rows.append(
             {
                 "set": name,
@@ -140,7 +152,9 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
                 "stream": s,
                 "folder": f,
                 "ceiling": c,
+                "batched": cb,
                 "stream/ceiling": s / c,
+                "stream/batched": s / cb,
                 "stream/folder": s / f,
             }
         )
@@ -167,13 +181,14 @@ def main(argv=None) -> list[dict]:
     )
     print(
         "| set | input | sampler | images | workers | stream img/s/worker | folder DataLoader img/s/worker "
-        "| in-memory ceiling img/s | stream / ceiling | stream / folder |"
+        "| (b) per-image ceiling img/s | (b') batched ceiling img/s | stream / (b) | stream / (b') | stream / folder |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
             f"| {r['set']} | {r['size']} | {r['sampler']} | {r['images']} | {r['workers']} | {r['stream']:.0f} | "
-            f"{r['folder']:.0f} | {r['ceiling']:.0f} | {r['stream/ceiling']:.2f} | {r['stream/folder']:.2f} |"
+            f"{r['folder']:.0f} | {r['ceiling']:.0f} | {r['batched']:.0f} | {r['stream/ceiling']:.2f} | "
+            f"{r['stream/batched']:.2f} | {r['stream/folder']:.2f} |"
         )
     return rows
 

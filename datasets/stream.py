@@ -4,12 +4,13 @@ Design (training). Identity-aware batching needs to know every sample's label be
 the epoch is *planned* from the manifest's per-sample label list (``datasets.samplers.plan_epoch``): the
 shards are dealt to ranks (a seeded shuffle that rotates every epoch: the node split), each rank cuts its
 shards' samples into P x K / class-balanced / random batches, and all ranks keep the same number of batches,
-so DDP never waits on a rank that ran dry. Within a rank, the rank's shards are split over the DataLoader
-workers (``webdataset.split_by_worker``); each worker streams its shards once with webdataset's tar
-iterators (sha256 and sample counts checked), keeps their JPEG bytes in memory (about split size / (ranks x
-workers)), then, for every planned batch, decodes and augments the samples *it* holds and yields that part.
-The DataLoader returns worker outputs round-robin, so the main process joins each batch's W parts and puts
-them back in plan order. Decoding and augmentation, the expensive work, are split exactly by rank and worker.
+so DDP never waits on a rank that ran dry. Within a rank, whole batches are dealt to the DataLoader workers
+round-robin (batch ``b`` to worker ``b % W``); each worker streams the rank's shards once with webdataset's tar
+iterators (sha256 and sample counts checked), keeps in memory the JPEG bytes of the samples of *its* batches
+(about split size / (ranks x workers)), then decodes and augments each of its batches
+(``datasets.transforms.BatchAugment``) straight into a shared-memory tensor. The DataLoader returns worker
+outputs round-robin, which is plan order, so the main process forwards each batch without copying it.
+Decoding and augmentation, the expensive work, are split exactly by rank and worker.
 
 Evaluation. The split's shards go to ranks (``rank::world_size``) and then to workers; with fewer shards than
 ranks every rank reads all shards and keeps the samples with ``index % world_size == rank``. Each sample
@@ -26,16 +27,17 @@ from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from configs import ExperimentConfig
 from datasets.samplers import plan_epoch
 from datasets.shards import iter_shard, read_manifest, split_entry
-from datasets.transforms import decode, eval_transform, train_transform
+from datasets.transforms import BatchAugment, decode, eval_transform
 
 log = logging.getLogger(__name__)
 
 META_KEYS = ("label", "identity", "camera", "index")
+TRAIN_KEYS = ("image", "label", "identity", "camera")
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -60,32 +62,50 @@ def _expand(urls: dict[str, dict], shards_dir: str) -> Callable[[Iterator[dict]]
     return stage
 
 
+def _metadata(metas: list[dict]) -> dict:
+    return {k: torch.tensor([m[k] for m in metas], dtype=torch.long) for k in META_KEYS}
+
+
 def _collate(images: list[torch.Tensor], metas: list[dict], height: int, width: int) -> dict:
-    batch = {k: torch.tensor([m[k] for m in metas], dtype=torch.long) for k in META_KEYS}
+    batch = _metadata(metas)
     batch["image"] = torch.stack(images) if images else torch.zeros(0, 3, height, width)
     return batch
 
 
-class _TrainParts(IterableDataset):
-    """Per worker: stream its shards into memory, then yield its part of every planned batch."""
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float tensor in shared memory inside a DataLoader worker (sending it to the main process copies nothing)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = torch.empty(0)._typed_storage()._new_shared(numel)  # what torch's default_collate does in workers
+    return torch.empty(0).new(storage).view(shape)
+
+
+class _TrainBatches(IterableDataset):
+    """Per worker: stream the rank's shards, keep the samples of its batches (every W-th), yield those batches."""
 
     def __init__(self, shards_dir: str, shards: list[dict], batches: list[list[int]], cfg: ExperimentConfig):
         self.shards_dir, self.shards, self.batches = shards_dir, shards, batches
-        self.transform = train_transform(cfg)
+        self.augment = BatchAugment(cfg)
         self.size = (cfg.data.height, cfg.data.width)
 
     def __iter__(self) -> Iterator[dict]:
-        urls = {s["file"]: s for s in self.shards}
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(list(urls)), wds.split_by_worker, _expand(urls, self.shards_dir)
-        )
-        held = {s["meta"]["index"]: s for s in pipeline}
-        for number, batch in enumerate(self.batches):
-            positions = [p for p, i in enumerate(batch) if i in held]
-            images = [self.transform(decode(held[batch[p]]["jpg"])) for p in positions]
-            part = _collate(images, [held[batch[p]]["meta"] for p in positions], *self.size)
-            part["position"], part["batch"] = torch.tensor(positions, dtype=torch.long), number
-            yield part
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = range(worker, len(self.batches), workers)
+        needed = {i for b in mine for i in self.batches[b]}
+        held = {}
+        for shard in self.shards:  # every shard verified (sha256, count) in every worker that reads it
+            for sample in iter_shard(self.shards_dir, shard):
+                index = int(sample["__key__"].rsplit("_", 1)[1])  # keys are datasets.shards.sample_key
+                if index in needed:
+                    held[index] = (sample["jpg"], json.loads(sample["json"]))
+        for number in mine:
+            batch = [held[i] for i in self.batches[number]]
+            out = self.augment([decode(jpg) for jpg, _ in batch], _shared_empty((len(batch), 3, *self.size)))
+            yield {**_metadata([meta for _, meta in batch]), "image": out, "batch": number}
 
 
 class TrainLoader:
@@ -120,8 +140,8 @@ class TrainLoader:
                 d.num_instances,
             )
         shards = [entry["shards"][i] for i in self.plan.shards]
-        self.workers = min(d.num_workers, len(shards))  # more workers than shards would idle: cap them
-        self.dataset = _TrainParts(str(d.shards), shards, self.plan.batches, cfg)
+        self.workers = min(d.num_workers, len(self.plan.batches))  # more workers than batches would idle
+        self.dataset = _TrainBatches(str(d.shards), shards, self.plan.batches, cfg)
         self.epoch, self.rank = epoch, rank
 
     def __len__(self) -> int:
@@ -131,26 +151,14 @@ class TrainLoader:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals
         )
-        parts_per_batch = max(1, self.workers)
-        parts = iter(loader)
-        for number in range(len(self)):
-            group = list(itertools.islice(parts, parts_per_batch))
-            if len(group) != parts_per_batch or any(p["batch"] != number for p in group):
-                raise RuntimeError(f"train stream lost sync at batch {number} (rank {self.rank}, epoch {self.epoch})")
-            yield _join(group)
-
-
-def _join(parts: list[dict]) -> dict:
-    """Assemble the workers' parts of one batch in plan order (one copy per part)."""
-    keys = ("image", *[k for k in META_KEYS if k != "index"])
-    if len(parts) == 1:  # a single worker already yields the batch in plan order
-        return {k: parts[0][k] for k in keys}
-    size = sum(len(p["position"]) for p in parts)
-    out = {k: parts[0][k].new_empty((size, *parts[0][k].shape[1:])) for k in keys}
-    for p in parts:
-        for k in keys:
-            out[k][p["position"]] = p[k]
-    return out
+        count = 0
+        for batch in loader:  # the DataLoader cycles over the workers: batch b comes from worker b % W, in order
+            if batch["batch"] != count:
+                raise RuntimeError(f"train stream lost sync at batch {count} (rank {self.rank}, epoch {self.epoch})")
+            count += 1
+            yield {k: batch[k] for k in TRAIN_KEYS}
+        if count != len(self):
+            raise RuntimeError(f"train stream ended after {count} of {len(self)} batches (rank {self.rank})")
 
 
 def train_loader(cfg: ExperimentConfig, rank: int, world_size: int, epoch: int) -> TrainLoader:

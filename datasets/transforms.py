@@ -2,17 +2,25 @@
 
 Training: resize to (height, width), flip, pad + random crop, colour jitter, normalise, random erasing
 (erasing fills with 0 after normalisation, i.e. the mean colour, as the strong baseline does).
+``train_transform`` is the per-image torchvision pipeline; ``BatchAugment`` draws the same augmentations from
+the same distributions but builds a whole batch at once (what the training stream uses; about 2x faster).
 """
 
 from __future__ import annotations
 
 import io
+import math
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from configs import ExperimentConfig
+
+ERASE_SCALE = (0.02, 0.4)
+ERASE_RATIO = (0.3, 3.33)
 
 
 def decode(jpg: bytes) -> Image.Image:
@@ -40,7 +48,7 @@ def train_transform(cfg: ExperimentConfig) -> v2.Compose:
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
     steps += _to_normalised(cfg)
     if a.erasing_p > 0:
-        steps.append(v2.RandomErasing(p=a.erasing_p, scale=(0.02, 0.4), ratio=(0.3, 3.33), value=0))
+        steps.append(v2.RandomErasing(p=a.erasing_p, scale=ERASE_SCALE, ratio=ERASE_RATIO, value=0))
     return v2.Compose(steps)
 
 
@@ -48,3 +56,66 @@ def eval_transform(cfg: ExperimentConfig) -> v2.Compose:
     """PIL -> normalised FloatTensor[3, H, W], resized to (height, width), no augmentation."""
     size = (cfg.data.height, cfg.data.width)
     return v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BILINEAR), *_to_normalised(cfg)])
+
+
+def erase_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """torchvision's RandomErasing rule: 10 tries at a box of area scale x H x W and log-uniform aspect ratio."""
+    lo, hi = math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])
+    for _ in range(10):
+        area = height * width * rng.uniform(*ERASE_SCALE)
+        aspect = math.exp(rng.uniform(lo, hi))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if h < height and w < width:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return None
+
+
+class BatchAugment:
+    """A batch of PIL images -> normalised FloatTensor[B, 3, H, W], augmented like ``train_transform``.
+
+    Per image: resize (PIL, as torchvision does), then flip and pad + random crop in one slice copy into a
+    zeroed uint8 batch (the crop is an offset into the zero-padded canvas), then colour jitter (torchvision's,
+    per image, on the uint8 crop). Per batch: one float conversion + normalisation, bit-identical to
+    ToDtype(scale=True) + Normalize; then random erasing per image with torchvision's box rule, value 0.
+    Random draws come from a numpy generator seeded from torch's RNG, so DataLoader worker seeding applies.
+    """
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        d, a = cfg.data, cfg.data.augment
+        self.height, self.width, self.a = d.height, d.width, a
+        j = a.color_jitter
+        self.jitter = v2.ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
+        self.mean = torch.tensor(a.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(a.std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: list[Image.Image], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment ``images`` into ``out`` (a new tensor when None; pass one in shared memory to avoid a copy)."""
+        n, h, w, pad = len(images), self.height, self.width, self.a.pad
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        flips = rng.random(n) < self.a.flip_p
+        tops, lefts = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+        canvas = np.zeros((n, 3, h, w), dtype=np.uint8)
+        for b, img in enumerate(images):
+            if img.size != (w, h):
+                img = F.resize(img, [h, w], interpolation=v2.InterpolationMode.BILINEAR)
+            self._paste(canvas[b], np.asarray(img), bool(flips[b]), int(tops[b]) - pad, int(lefts[b]) - pad)
+            if self.jitter is not None:
+                canvas[b] = self.jitter(torch.from_numpy(canvas[b])).numpy()
+        out = torch.empty((n, 3, h, w), dtype=torch.float32) if out is None else out
+        out.copy_(torch.from_numpy(canvas))
+        out.mul_(1.0 / 255).sub_(self.mean).div_(self.std)
+        for b in range(n):
+            box = erase_box(rng, h, w) if rng.random() < self.a.erasing_p else None
+            if box is not None:
+                i, j, eh, ew = box
+                out[b, :, i : i + eh, j : j + ew] = 0.0
+        return out
+
+    @staticmethod
+    def _paste(dst: np.ndarray, src: np.ndarray, flip: bool, dy: int, dx: int) -> None:
+        """dst[:, y, x] = flipped src[y + dy, x + dx] where that is inside src (the rest stays 0 = padding)."""
+        h, w = dst.shape[1:]
+        if flip:
+            src = src[:, ::-1]
+        y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+        dst[:, y0:y1, x0:x1] = src[y0 + dy : y1 + dy, x0 + dx : x1 + dx].transpose(2, 0, 1)
