@@ -108,6 +108,14 @@ class _TrainBatches(IterableDataset):
             yield {**_metadata([meta for _, meta in batch]), "image": out, "batch": number}
 
 
+def _stop_workers(batches: Iterator) -> None:
+    """Stop a DataLoader iterator's workers now: a traceback that holds the iterator would otherwise keep them
+    until interpreter exit, where they (ignoring SIGTERM, see above) delay the exit by minutes."""
+    stop = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator; absent without workers
+    if stop is not None:
+        stop()
+
+
 class TrainLoader:
     """Iterable of training batches for one rank and epoch; ``len()`` is the same on every rank."""
 
@@ -151,12 +159,17 @@ class TrainLoader:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals
         )
-        count = 0
-        for batch in loader:  # the DataLoader cycles over the workers: batch b comes from worker b % W, in order
-            if batch["batch"] != count:
-                raise RuntimeError(f"train stream lost sync at batch {count} (rank {self.rank}, epoch {self.epoch})")
-            count += 1
-            yield {k: batch[k] for k in TRAIN_KEYS}
+        batches, count = iter(loader), 0
+        try:
+            for batch in batches:  # the DataLoader cycles over the workers: batch b comes from worker b % W, in order
+                if batch["batch"] != count:
+                    raise RuntimeError(
+                        f"train stream lost sync at batch {count} (rank {self.rank}, epoch {self.epoch})"
+                    )
+                count += 1
+                yield {k: batch[k] for k in TRAIN_KEYS}
+        finally:
+            _stop_workers(batches)
         if count != len(self):
             raise RuntimeError(f"train stream ended after {count} of {len(self)} batches (rank {self.rank})")
 
@@ -193,9 +206,13 @@ class EvalLoader:
         self.dataset = wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[dict]:
-        yield from DataLoader(
-            self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals
+        batches = iter(
+            DataLoader(self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals)
         )
+        try:
+            yield from batches
+        finally:
+            _stop_workers(batches)
 
 
 def eval_loader(cfg: ExperimentConfig, split: str, rank: int = 0, world_size: int = 1) -> EvalLoader:
