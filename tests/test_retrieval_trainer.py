@@ -220,3 +220,15 @@ def test_cli_stop_then_resume_auto_finds_the_run(shards, tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["data"]["shards"] == str(shards)
     result = main([*args, "--resume", "auto"])
     assert result["global_step"] == 3 and result["run_dir"] == str(run_dir)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_saves_plain_weights(shards, tmp_path):
+    """train.compile=true (inductor on CPU, about 30 s to compile): state keys are the plain model's."""
+    from trainers.models import build_model
+
+    cfg = _cfg(shards, "train.compile=true", "schedule.epochs=1")
+    assert run(cfg, run_dir=str(tmp_path / "c"))["global_step"] == 3
+    weights = _final_weights(tmp_path / "c")
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    build_model(cfg.model, num_classes=24).load_state_dict(weights)  # no "_orig_mod." prefixes
