@@ -133,8 +133,12 @@ def prepare_shards(
     root: str = "",
     gallery_split: str = "gallery",
     progress: bool = True,
+    reader_skipped: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
-    """Write every split of ``splits`` into ``out_dir`` and return the manifest (also written, last)."""
+    """Write every split of ``splits`` into ``out_dir`` and return the manifest (also written, last).
+
+    ``reader_skipped`` (reason -> records the reader left out) is recorded in the manifest as it is.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in splits.items():
@@ -151,6 +155,8 @@ def prepare_shards(
     remove_stale(out, keep, list(entries))
     settings = dict(dataclasses.asdict(prepare), root=root, gallery_split=gallery_split)
     manifest = {"version": FORMAT_VERSION, "settings": settings, "splits": entries}
+    if reader_skipped:
+        manifest["reader_skipped"] = {reason: list(items) for reason, items in reader_skipped.items() if items}
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
@@ -163,6 +169,8 @@ def summary(manifest: dict) -> str:
             f"  {name:<8} | {e['records']:7d} | {e['count']:7d} | {len(e['shards']):6d} | {e['num_classes']:7d} | "
             f"{len(e['skipped'])} ({_reasons(e['skipped'])})"
         )
+    for reason, items in manifest.get("reader_skipped", {}).items():
+        lines.append(f"  left out by the reader: {len(items)} x {reason} (e.g. {items[0]}; all in the manifest)")
     for name, e in manifest["splits"].items():
         for s in e["skipped"][:20]:
             lines.append(f"  skipped {name}: {s['file']} [{s['reason']}] {s['detail']}")
@@ -179,7 +187,8 @@ def prepare_from_config(cfg: ExperimentConfig, splits: Sequence[str] = (), progr
     from datasets.readers import read_records
 
     d = cfg.data
-    records = read_records(d)
+    reader_skipped: dict[str, list[str]] = {}
+    records = read_records(d, reader_skipped)
     wanted = list(splits) or [d.train_split, d.query_split, d.gallery_split]
     unknown = [s for s in wanted if s not in records]
     if unknown:
@@ -187,7 +196,7 @@ def prepare_from_config(cfg: ExperimentConfig, splits: Sequence[str] = (), progr
     chosen = {s: records[s] for s in dict.fromkeys(wanted)}
     if show is not None:
         show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
-    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress)
+    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress, reader_skipped)
 
 
 def ensure_shards(cfg: ExperimentConfig) -> dict:

@@ -17,18 +17,22 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
-def read_records(data) -> dict[str, list[Record]]:
-    """Records of every split of ``data.root`` read by ``data.reader`` (a ``configs.DataConfig``)."""
+def read_records(data, skipped: dict[str, list[str]] | None = None) -> dict[str, list[Record]]:
+    """Records of every split of ``data.root`` read by ``data.reader`` (a ``configs.DataConfig``).
+
+    ``skipped`` (optional) receives the annotations the COCO readers leave out, by reason (boxes with no
+    area inside their image, ...), so that ``datasets.prepare`` can record them in the manifest.
+    """
     root = data.root
     if data.reader == "sample":
         from datasets.coco import read_coco
         from datasets.sample import ensure_sample
 
-        return read_coco(ensure_sample(root), title="sample")
+        return read_coco(ensure_sample(root), title="sample", skipped=skipped)
     if data.reader == "coco":
         from datasets.coco import read_coco
 
-        return read_coco(root)
+        return read_coco(root, skipped=skipped)
     if data.reader == "market1501":
         from datasets.market1501 import read_market1501
 

@@ -201,3 +201,20 @@ def test_ensure_shards_prepares_only_the_embedded_sample(tmp_path):
     other = load_config("reid_demo", [f"data.shards={tmp_path}/none"])
     with pytest.raises(FileNotFoundError, match="datasets.prepare"):
         ensure_shards(other)
+
+
+def test_boxes_the_reader_leaves_out_are_recorded_in_the_manifest(tmp_path, capsys):
+    from datasets.sample import ensure_sample
+
+    root = Path(ensure_sample(tmp_path / "sample"))
+    coco = json.loads((root / "query.json").read_text())
+    first = coco["annotations"][0]
+    coco["annotations"].append({**first, "id": 999999, "bbox": [5, 5, 0, 10]})  # no area: skipped by the reader
+    (root / "query.json").write_text(json.dumps(coco))
+    out = tmp_path / "shards"
+    manifest = prepare_mod.main(["--config", "retr_demo", "data.reader=coco", f"data.root={root}",
+                                 f"data.shards={out}", "--no-progress"])  # fmt: skip
+    (items,) = manifest["reader_skipped"].values()
+    assert len(items) == 1 and "annotation 999999" in items[0]
+    assert json.loads((out / MANIFEST).read_text())["reader_skipped"] == manifest["reader_skipped"]
+    assert "left out by the reader: 1 x" in capsys.readouterr().out
