@@ -28,13 +28,13 @@ class CropError(ValueError):
 
 @dataclass(frozen=True)
 class CropSettings:
-    """The crop options of ``PrepareConfig`` plus the root that relative record paths are resolved against."""
+    """The crop options of ``PrepareConfig`` (its defaults are the only ones) plus the root of relative paths."""
 
-    root: str = ""
-    padding: float = 0.0
-    min_size: int = 8
-    max_side: int = 512
-    quality: int = 95
+    root: str
+    padding: float
+    min_size: int
+    max_side: int
+    quality: int
 
 
 def resolve_path(record: Record, root: str) -> Path:
