@@ -72,9 +72,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             _remove_literal_folder()
             if self.cfg is not None:
                 save_config(self.cfg, run_dir / "config.json")
-        return self._run_requeueing(run_dir, dist.rank)
+        if self.resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+            # SLURM requeued this job itself (preemption with PreemptMode=REQUEUE): continue from its state
+            self.resume = "auto"
+        return self._run_requeueing(run_dir, dist.rank, env.cluster)
 
-    def _run_requeueing(self, run_dir: Path, rank: int) -> Any:
+    def _run_requeueing(self, run_dir: Path, rank: int, cluster: str) -> Any:
         """Run the trainer; when it stops on the preemption signal, let submitit checkpoint and requeue."""
         sig = submitit.JobEnvironment._usr_sig()
         submitit_handler = signal.getsignal(sig)  # checkpoint() + requeue + exit on rank 0
@@ -91,8 +94,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             return self._run_trainer(run_dir)
         except SystemExit as exc:
             # Contract with the trainers: after SIGUSR2/SIGTERM they save their state at the next step
-            # boundary and raise SystemExit with a non-zero code (128 + signal); requeue then.
-            if exc.code not in (0, None) and rank == 0 and not requeued:
+            # boundary and raise SystemExit(128 + signal). On SLURM only the time-limit signal requeues:
+            # SIGTERM is also what `scancel` sends, and a cancelled job must stay cancelled (a SLURM
+            # preemption requeues the job itself; it then resumes through SLURM_RESTART_COUNT above).
+            # The local executor cancels with SIGINT, so there a SIGTERM to the tasks is a preemption.
+            codes = {128 + sig} if cluster == "slurm" else {128 + sig, 128 + signal.SIGTERM}
+            if exc.code in codes and rank == 0 and not requeued:
                 log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
                 requeue(sig, None)
             raise

@@ -95,13 +95,20 @@ def test_retr_demo_is_preempted_resumes_and_evaluates(cluster, demo, capsys):
 def test_cancelled_job_is_reported_without_hanging(cluster, demo, capsys):
     need(cluster)
     job, folder = launch(cluster, [*demo, "schedule.epochs=200"], capsys)
-    if cluster == "slurm":
-        wait_for(lambda: jobs.job_state(job, cluster) == "RUNNING", 120, "the job to start")
-    start = time.monotonic()
-    assert main(["--cancel", job.job_id, "--runs", str(folder.parents[1])]) == 0
-    assert time.monotonic() - start < 60
-    assert "CANCELLED" in capsys.readouterr().out
-    assert jobs.wait_done(job, 30)
+    try:
+        if cluster == "slurm":
+            wait_for(lambda: jobs.job_state(job, cluster) == "RUNNING", 120, "the job to start")
+        start = time.monotonic()
+        assert main(["--cancel", job.job_id, "--runs", str(folder.parents[1])]) == 0
+        assert time.monotonic() - start < 60
+        assert "CANCELLED" in capsys.readouterr().out
+        assert jobs.wait_done(job, 30)
+        if cluster == "slurm":  # the trainer's SIGTERM exit must not requeue a cancelled job
+            time.sleep(5)
+            assert not jobs.job_state(job, cluster).startswith(("PENDING", "REQUEUED", "RUNNING"))
+    finally:
+        if cluster == "slurm" and not job.done():
+            job.cancel(check=False)  # never leave a 200-epoch job holding the test node
 
 
 @pytest.mark.slurm
