@@ -10,9 +10,18 @@ from torch import nn
 META_KEYS = ("identity", "camera", "label", "index")
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's weights are in (DeepSpeed fp16/bf16 converts them); float32 for none."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The model's embedding of a batch (a dict output gives its ``embedding``)."""
-    out = model(images)
+    """The model's embedding of a batch (a dict output gives its ``embedding``); images are cast to the
+    weights' dtype."""
+    out = model(images.to(input_dtype(model)))
     if isinstance(out, dict):
         out = out["embedding"]
     elif isinstance(out, tuple | list):
@@ -32,8 +41,9 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device, flip: boo
     feats: list[torch.Tensor] = []
     meta: dict[str, list[torch.Tensor]] = {k: [] for k in META_KEYS}
     seen = 0
+    batches = iter(loader)
     try:
-        for batch in loader:
+        for batch in batches:
             x = batch["image"].to(device, non_blocking=True)
             f = embed(model, x)
             if flip:
@@ -46,6 +56,7 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device, flip: boo
             seen += n
     finally:
         model.train(was_training)
+        getattr(batches, "close", lambda: None)()  # stops a stream's DataLoader workers even after an error
     out = {"features": torch.cat(feats) if feats else torch.zeros(0, 0)}
     out.update({k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in meta.items()})
     return sort_by_index(out)

@@ -58,8 +58,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             # one GPU per task: the local_rank-th of the GPUs SLURM (or the local executor) gave this node
             visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
             os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist.local_rank] if visible else str(dist.local_rank)
-        else:
-            # Accelerate only builds a multi-process CPU (gloo) state when told it is on CPU.
+        elif not getattr(getattr(self.cfg, "train", None), "deepspeed_config", ""):
+            # Accelerate only builds a multi-process CPU (gloo) state when told it is on CPU; DeepSpeed is the
+            # exception: told "CPU", Accelerate drops it (the trainer starts DeepSpeed's gloo group instead)
             os.environ["ACCELERATE_USE_CPU"] = "1"
         os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))
         run_dir = Path(env.paths.folder).resolve()

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train in sync and match one process with the same global batch.
+"""Two CPU processes (torchrun, gloo) train in sync and match one process with the same global batch;
+DeepSpeed ZeRO-1/2 through Accelerate's plugin (DeepSpeed's CPU accelerator, gloo) matches DDP and resumes.
 
 The model has no BatchNorm (test_vit: LayerNorm only, neck=none), because BN statistics are per process
 without SyncBN (which needs CUDA); triplets are mined over all ranks (loss.triplet_all_ranks) and the
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from tests.conftest import REPO
@@ -19,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import os, sys, torch
     from configs import load_config
     import trainers.setup as setup
-    from trainers.retrieval import run
+    from trainers.retrieval import Stopped, run
 
     out = sys.argv[1]
     captured = {}
@@ -49,9 +51,13 @@ SCRIPT = textwrap.dedent(
         "model.backbone=test_vit", "model.neck=none", "data.height=32", "data.width=32",
         "data.batch_size=16", "data.num_instances=4", "loss.triplet_all_ranks=true", "loss.center_weight=5e-4",
         "optim.name=sgd", "optim.lr=0.05", "schedule.epochs=2", "schedule.warmup_epochs=1",
-        "eval.enabled=false", "checkpoint.every_steps=100",
+        "eval.enabled=false", "checkpoint.every_steps=100", *sys.argv[2:],
     ])
-    run(cfg, run_dir=os.path.join(out, "run"), loader_fn=Loader, num_classes=8)
+    try:
+        run(cfg, run_dir=os.path.join(out, "run"), loader_fn=Loader, num_classes=8,
+            max_steps=int(os.environ.get("TEST_MAX_STEPS", "0")), resume=os.environ.get("TEST_RESUME"))
+    except Stopped:
+        pass
     rank = int(os.environ.get("RANK", "0"))
     torch.save(captured["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
     torch.save(captured["init"], os.path.join(out, f"init{rank}.pt"))
@@ -59,11 +65,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _torchrun(nproc: int, out, script) -> None:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+def _torchrun(nproc: int, out, script, *overrides: str, deepspeed: bool = False, **env_extra: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env_extra)
+    env.pop("ACCELERATE_USE_CPU", None)
+    if not deepspeed:  # Accelerate builds its gloo multi-process state only when told it runs on CPU
+        env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    proc = subprocess.run([*cmd, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, str(out), *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _weights(folder, rank: int = 0) -> dict:
+    return torch.load(folder / f"rank{rank}.pt", weights_only=True)
 
 
 def test_two_processes_sync_and_match_one(tmp_path):
@@ -80,3 +93,59 @@ def test_two_processes_sync_and_match_one(tmp_path):
     assert sum(not torch.allclose(v, single[k]) for k, v in init.items()) > 10  # training moved the weights
     log = (tmp_path / "two" / "run" / "train.log").read_text()
     assert "2 process(es)" in log and "Iteration[3/3]" in log
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_deepspeed_zero_matches_ddp_and_resumes(stage, tmp_path):
+    """ZeRO shards optimizer state (and, stage 2, gradients) but must compute the same SGD steps as DDP.
+
+    The first DeepSpeed start on a machine builds a small communication op (about a minute, then cached).
+    """
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")  # Accelerate's DeepSpeed plugin imports its HfDeepSpeedConfig
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    ds = f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / f'{stage}.json'}"
+    _torchrun(2, tmp_path / "ddp", script)
+    _torchrun(2, tmp_path / "ds", script, ds, deepspeed=True)
+    ddp, ds0, ds1 = _weights(tmp_path / "ddp"), _weights(tmp_path / "ds"), _weights(tmp_path / "ds", 1)
+    for key in ddp:
+        assert torch.equal(ds0[key], ds1[key]), f"ranks differ at {key}"
+        assert torch.allclose(ds0[key], ddp[key], atol=1e-6, rtol=1e-5), key
+    log = (tmp_path / "ds" / "run" / "train.log").read_text()
+    assert "2 process(es)" in log and "Iteration[3/3]" in log
+    # stopped after step 4 (mid epoch 2), resumed from the state with its ZeRO shards: the same end
+    cut = tmp_path / "cut"
+    _torchrun(2, cut, script, ds, deepspeed=True, TEST_MAX_STEPS="4")
+    states = sorted((cut / "run" / "checkpoints").glob("state-*"))
+    assert [p.name for p in states] == ["state-000000003.pt", "state-000000003.zero", "state-000000004.pt",
+                                        "state-000000004.zero"], states  # fmt: skip
+    _torchrun(2, cut, script, ds, deepspeed=True, TEST_RESUME="auto")
+    assert "resumed from" in (cut / "run" / "train.log").read_text()
+    resumed = _weights(cut)
+    for key in ddp:
+        assert torch.allclose(resumed[key], ds0[key], atol=1e-6, rtol=1e-5), key
+
+
+def test_deepspeed_bf16_with_batchnorm(tmp_path):
+    """DeepSpeed bf16 converts the weights but not BatchNorm's statistics, and does not autocast: the trainer
+    feeds bf16 images and keeps BN buffers in the weights' dtype."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    ds = f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"
+    bn = ["model.backbone=test_resnet", "model.neck=bnneck", "train.precision=bf16"]
+    _torchrun(2, tmp_path / "bf16", script, ds, *bn, deepspeed=True)
+    r0, r1 = _weights(tmp_path / "bf16"), _weights(tmp_path / "bf16", 1)
+    init = torch.load(tmp_path / "bf16" / "init0.pt", weights_only=True)
+    moved = 0
+    for key in r0:
+        if "running_" in key or "num_batches" in key:
+            continue  # BN statistics are per process without SyncBN
+        assert torch.equal(r0[key], r1[key]), f"ranks differ at {key}"
+        if r0[key].is_floating_point():
+            assert r0[key].dtype == torch.bfloat16 and torch.isfinite(r0[key].float()).all(), key
+            moved += not torch.allclose(r0[key].float(), init[key].float())
+    assert moved > 10
+    assert "precision bf16" in (tmp_path / "bf16" / "run" / "train.log").read_text()

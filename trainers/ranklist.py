@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import ExperimentConfig
+from inference.extract import embed
 from trainers.monitor import rank_list_image
 
 THUMB_HEIGHT = 64
@@ -35,7 +36,7 @@ def embed_first(model: torch.nn.Module, cfg: ExperimentConfig, split: str, devic
         keep = batch["index"] < limit
         if keep.any():
             images = batch["image"][keep]
-            feats.append(F.normalize(model(images.to(device)).float(), dim=1).cpu())
+            feats.append(F.normalize(embed(model, images.to(device)).float(), dim=1).cpu())
             ids.append(batch["identity"][keep])
             cams.append(batch["camera"][keep])
             thumbs.append(_thumbs(images, cfg))

@@ -135,7 +135,8 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
 
 def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress):
     """One micro-batch: forward, losses, backward, (at accumulation boundaries) optimizer steps."""
-    images = batch["image"].to(accelerator.device, non_blocking=True)
+    # DeepSpeed fp16/bf16 holds the weights themselves in half precision (no autocast): feed that dtype
+    images = batch["image"].to(accelerator.device, dtype=parts.input_dtype, non_blocking=True)
     labels = batch["label"].to(accelerator.device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -143,6 +144,8 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
             out = parts.model(images, labels)
+            if parts.input_dtype != torch.float32:  # the losses (and center-loss parameters) stay in float32
+                out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
             terms = parts.criterion(out, labels)
         finite = torch.isfinite(terms["loss"].detach()).float()
         if accelerator.num_processes > 1:  # all ranks skip together or none does
@@ -217,6 +220,16 @@ def train_epoch(loader_fn, parts, cfg, accelerator, prog, run_dir, flag, max_ste
     # the P x K plan's length varies a little per epoch: a shorter epoch ends early
     total_batches = min(parts.steps_per_epoch, length // accum) * accum
     parts.model.train()
+    try:
+        _train_batches(batches, total_batches, parts, cfg, accelerator, prog, run_dir, flag, max_steps)
+    finally:
+        # a failing step leaves the stream suspended inside a traceback: close it so its DataLoader workers
+        # (which ignore SIGTERM) stop now instead of blocking the interpreter's exit
+        getattr(batches, "close", lambda: None)()
+
+
+def _train_batches(batches, total_batches, parts, cfg, accelerator, prog, run_dir, flag, max_steps) -> None:
+    accum = cfg.optim.grad_accum
     window: dict[str, float] = {}
     seen, tick = 0, time.perf_counter()
     while prog.batch_in_epoch < total_batches:
@@ -292,7 +305,8 @@ def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog
         if accelerator.is_main_process:
             for old in run_dir.glob("mAP*.pth"):
                 old.unlink()
-            ckpt.save_atomic(parts.raw_model.state_dict(), path)
+            weights = {k: v.float() if v.is_floating_point() else v for k, v in parts.raw_model.state_dict().items()}
+            ckpt.save_atomic(weights, path)  # float32 also after DeepSpeed fp16/bf16
             log.info("new best mAP %.1f%%: weights in %s", 100 * prog.best_map, path)
         prog.best_path = str(path)
     if accelerator.is_main_process:

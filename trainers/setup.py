@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from configs import ExperimentConfig, to_dict
+from inference.extract import input_dtype
 from trainers import checkpoint as ckpt
 from trainers.losses import RetrievalLoss
 from trainers.models import build_model
@@ -31,6 +32,7 @@ class Parts:
     center_optimizer: torch.optim.Optimizer | None
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
+    input_dtype: torch.dtype = torch.float32
 
 
 def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
@@ -38,15 +40,10 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
     if cfg.train.deepspeed_config:
         if not Path(cfg.train.deepspeed_config).is_file():
             raise FileNotFoundError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} does not exist")
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"train.deepspeed_config={cfg.train.deepspeed_config!r}: DeepSpeed through Accelerate needs GPUs "
-                "(on CPU Accelerate reports a single process); leave it empty for DDP (gloo) on CPU"
-            )
         plugin = DeepSpeedPlugin(
             hf_ds_config=cfg.train.deepspeed_config,
             gradient_accumulation_steps=cfg.optim.grad_accum,
-            gradient_clipping=cfg.optim.clip_grad or None,
+            gradient_clipping=float(cfg.optim.clip_grad),  # 0 = off; None would let "auto" become 1.0
         )
         # the stream is not an Accelerate-prepared loader, so "auto" cannot be filled from it
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,6 +53,12 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
+    handlers = []
+    if plugin is not None and not torch.cuda.is_available():
+        # DeepSpeed on CPU: Accelerate must not be told cpu=True (it would then ignore DeepSpeed and see one
+        # process); it initialises DeepSpeed's process group with the backend given here instead of nccl
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -63,6 +66,7 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
         project_config=project,
         deepspeed_plugin=plugin,
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
     )
 
 
@@ -120,7 +124,14 @@ def build_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: in
     center_opt = None
     if criterion.center is not None:
         center_opt = accelerator.prepare(torch.optim.SGD(criterion.center.parameters(), lr=cfg.loss.center_lr))
-    return Parts(model, raw_model, criterion, optimizer, center_opt, scheduler, steps)
+    dtype = input_dtype(raw_model)
+    if dtype != torch.float32:
+        # DeepSpeed fp16/bf16 converts parameters but not buffers; BatchNorm needs its statistics in the same dtype
+        for module in raw_model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.to(dtype)
+    return Parts(model, raw_model, criterion, optimizer, center_opt, scheduler, steps, dtype)
 
 
 def hparams(cfg: ExperimentConfig) -> dict:
