@@ -2,13 +2,16 @@
 
 For each set (256x128 person crops from mars_mini, 224x224 product crops from grocery_store) the crops are
 written once as shards (``datasets.prepare``) and as a folder of the same JPEG files; then, in one run and
-alternating, it times (s) the training stream (``datasets.stream.train_loader``), (a) a map-style folder
-dataset with the same decode + per-image torchvision transforms through a torch DataLoader, (b) the same decode
-+ per-image torchvision transforms in a tight single-process loop over the same JPEG bytes held in memory (the
-issue's ceiling), and (b') decode + the stream's own batched augmentation (``BatchAugment``, same
-augmentation distribution) in the same tight loop: the ceiling for the code the stream runs. Prints a table.
+alternating, it times (s) the training stream, (a) a map-style folder dataset with the same decode + per-image
+torchvision transforms through a torch DataLoader, (b) the same decode + per-image torchvision transforms in a
+tight single-process loop over the same JPEG bytes held in memory (the issue's ceiling), and (b') decode + the
+stream's own batched augmentation (``BatchAugment``, same augmentation distribution) in the same tight loop:
+the ceiling for the code the stream runs. The stream and (a) are timed two ways: as a training run uses them
+(``datasets.stream.TrainStream`` / a DataLoader with ``persistent_workers``: workers start once, one epoch per
+repeat, the first one's start-up included in the total) and as a single epoch with workers of its own
+(``datasets.stream.train_loader`` / a plain DataLoader). Prints a table.
 
-    python bench/bench_stream.py [--workers 1 2] [--repeats 3] [--limit 1600]
+    python bench/bench_stream.py [--workers 1 2] [--repeats 5] [--limit 1600]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from configs import load_config  # noqa: E402
 from datasets.prepare import prepare_shards  # noqa: E402
 from datasets.records import Record, assign_labels  # noqa: E402
 from datasets.shards import iter_shard, read_manifest  # noqa: E402
-from datasets.stream import train_loader  # noqa: E402
+from datasets.stream import TrainStream, train_loader  # noqa: E402
 from datasets.transforms import BatchAugment, decode, train_transform  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -89,15 +92,27 @@ def time_stream(cfg, workers: int, epoch: int) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def time_folder(items, cfg, workers: int) -> tuple[int, float]:
-    loader = DataLoader(
+def time_stream_run(stream: TrainStream, epoch: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    n = sum(len(b["label"]) for b in stream.epoch(epoch))
+    return n, time.perf_counter() - start
+
+
+def folder_loader(items, cfg, workers: int, persistent: bool) -> DataLoader:
+    return DataLoader(
         FolderDataset(items, train_transform(cfg)),
         batch_size=cfg.data.batch_size,
         shuffle=True,
         num_workers=workers,
         drop_last=True,
+        persistent_workers=persistent,
     )
+
+
+def time_folder(items, cfg, workers: int, loader: DataLoader | None = None) -> tuple[int, float]:
+    """One epoch of ``loader``; without one, of a fresh (non-persistent) DataLoader, its start included."""
     start = time.perf_counter()
+    loader = loader or folder_loader(items, cfg, workers, persistent=False)
     n = sum(len(labels) for _, labels in loader)
     return n, time.perf_counter() - start
 
@@ -128,20 +143,32 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
     blobs = [p.read_bytes() for p, _ in items]
     torch.set_num_threads(1)  # DataLoader workers run single-threaded too
     rates: dict[str, list[float]] = {}
+    runs: dict[str, list[tuple[int, float]]] = {}  # (images, seconds) per epoch of the persistent loaders
+    streams, folders = {}, {}
+    for w in args.workers:
+        cfg.data.num_workers = w
+        streams[w] = TrainStream(cfg, 0, 1)  # workers start with its first epoch
+        folders[w] = folder_loader(items, cfg, w, persistent=w > 0)
     for rep in range(args.repeats):
         n, dt = time_ceiling(blobs, cfg)
         rates.setdefault("ceiling", []).append(n / dt)
         n, dt = time_batched_ceiling(blobs, cfg)
         rates.setdefault("batched", []).append(n / dt)
         for w in args.workers:
+            runs.setdefault(f"stream{w}", []).append(time_stream_run(streams[w], rep))
             n, dt = time_stream(cfg, w, epoch=rep)
             rates.setdefault(f"stream{w}", []).append(n / dt / w)
+            runs.setdefault(f"folder{w}", []).append(time_folder(items, cfg, w, folders[w]))
             n, dt = time_folder(items, cfg, w)
             rates.setdefault(f"folder{w}", []).append(n / dt / w)
+    for stream in streams.values():
+        stream.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
+    run = {k: sum(n for n, _ in v) / sum(dt for _, dt in v) for k, v in runs.items()}
     rows = []
     for w in args.workers:
         s, f, c, cb = med[f"stream{w}"], med[f"folder{w}"], med["ceiling"], med["batched"]
+        sr, fr = run[f"stream{w}"] / w, run[f"folder{w}"] / w
         rows.append(
             {
                 "set": name,
@@ -149,10 +176,14 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
                 "sampler": cfg.data.sampler,
                 "images": len(items),
                 "workers": w,
+                "stream_run": sr,
+                "folder_run": fr,
                 "stream": s,
                 "folder": f,
                 "ceiling": c,
                 "batched": cb,
+                "run/ceiling": sr / c,
+                "run/folder": sr / fr,
                 "stream/ceiling": s / c,
                 "stream/batched": s / cb,
                 "stream/folder": s / f,
@@ -165,7 +196,7 @@ def main(argv=None) -> list[dict]:
     # mars_mini has 16 training identities: P x K = 8 x 4 (the recipe's 16 x 4 would need every id in every batch)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers per rank")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating repeats (epochs of the runs)")
     parser.add_argument("--limit", type=int, default=1600, help="images per set")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -180,15 +211,17 @@ def main(argv=None) -> list[dict]:
         f"{torch.get_num_threads()} torch thread(s) in the ceiling loop"
     )
     print(
-        "| set | input | sampler | images | workers | stream img/s/worker | folder DataLoader img/s/worker "
-        "| (b) per-image ceiling img/s | (b') batched ceiling img/s | stream / (b) | stream / (b') | stream / folder |"
+        "| set | input | sampler | images | workers | stream, run img/s/worker | folder, run img/s/worker "
+        "| stream, 1 epoch | folder, 1 epoch | (b) per-image ceiling img/s | (b') batched ceiling img/s "
+        "| run: stream / (b) | run: stream / folder | 1 epoch: stream / (b) | 1 epoch: stream / folder |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['set']} | {r['size']} | {r['sampler']} | {r['images']} | {r['workers']} | {r['stream']:.0f} | "
-            f"{r['folder']:.0f} | {r['ceiling']:.0f} | {r['batched']:.0f} | {r['stream/ceiling']:.2f} | "
-            f"{r['stream/batched']:.2f} | {r['stream/folder']:.2f} |"
+            f"| {r['set']} | {r['size']} | {r['sampler']} | {r['images']} | {r['workers']} | {r['stream_run']:.0f} | "
+            f"{r['folder_run']:.0f} | {r['stream']:.0f} | {r['folder']:.0f} | {r['ceiling']:.0f} | "
+            f"{r['batched']:.0f} | {r['run/ceiling']:.2f} | {r['run/folder']:.2f} | {r['stream/ceiling']:.2f} | "
+            f"{r['stream/folder']:.2f} |"
         )
     return rows
 

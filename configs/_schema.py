@@ -109,7 +109,9 @@ class DataConfig:
     balanced_cap: int = 0
     """balanced sampler: most samples taken per class per epoch (0 = the median class count)"""
     num_workers: int = 2
-    """data loader workers per rank"""
+    """data loader workers per rank (they persist across epochs)"""
+    cache_mb: int = 1024
+    """per worker: JPEG bytes of read samples kept for later epochs (0 = read the shards every epoch)"""
     shuffle_buffer: int = 1000
     """sample shuffle buffer of the training stream"""
     eval_batch_size: int = 64
@@ -125,6 +127,7 @@ class DataConfig:
         for key in ("height", "width", "batch_size", "num_instances", "eval_batch_size", "shuffle_buffer"):
             _positive(f"data.{key}", getattr(self, key))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.cache_mb", self.cache_mb, allow_zero=True)
         _positive("data.balanced_cap", self.balanced_cap, allow_zero=True)
         if self.sampler == "pk" and self.batch_size % self.num_instances:
             raise ValueError(

@@ -170,3 +170,84 @@ def test_workers_survive_the_preemption_signal(shards):
         os.kill(w.pid, signal.SIGUSR2)
     rest = list(batches)  # a worker killed by the signal would raise here
     assert rest and all(b["image"].shape[0] == 8 for b in [first, *rest])
+
+
+def _epoch(loader) -> list[tuple[list[int], torch.Tensor]]:
+    """A consumer that drops each batch before asking for the next (as a training loop does)."""
+    return [(b["label"].tolist(), b["image"].clone()) for b in loader]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(la == lb and torch.equal(ia, ib) for (la, ia), (lb, ib) in zip(a, b))
+
+
+def test_persistent_workers_give_the_batches_of_fresh_ones(shards):
+    """One TrainStream for three epochs (workers started once, samples cached) yields exactly the batches of a
+    fresh one-shot loader per epoch, with 0 or 2 workers: a batch depends on (seed, epoch, rank, number) only,
+    which is what exact resume with fresh workers needs."""
+    import os
+
+    import psutil
+
+    from datasets.stream import TrainStream
+
+    cfg = make_cfg(shards, num_workers=2)
+    stream = TrainStream(cfg, 1, 2)
+    pids = []
+    try:
+        for epoch in range(3):
+            got = []
+            for b in stream.epoch(epoch):
+                got.append((b["label"].tolist(), b["image"].clone()))
+                pids.append(sorted(p.pid for p in psutil.Process(os.getpid()).children()))
+            del b  # a loop variable still holding the last batch would (rightly) make its slot KEPT
+            assert _same(got, _epoch(train_loader(cfg, 1, 2, epoch))), f"epoch {epoch}"
+            assert _same(got, _epoch(train_loader(make_cfg(shards, num_workers=0), 1, 2, epoch))), f"epoch {epoch}"
+        assert (stream.ring.state == 2).sum() == 0  # a dropping consumer never makes the ring keep a slot
+    finally:
+        stream.close()
+    assert len(pids[0]) == 2 and all(p == pids[0] for p in pids)  # the same two workers in every epoch
+
+
+def test_later_epochs_read_no_shard_when_the_cache_holds_the_split(shards, monkeypatch):
+    import datasets.stream as stream_mod
+
+    reads = []
+    real = stream_mod.iter_shard
+
+    def counting(shards_dir, shard, verify=True):
+        reads.append(shard["file"])
+        return real(shards_dir, shard, verify)
+
+    monkeypatch.setattr(stream_mod, "iter_shard", counting)
+    for cache_mb, later in ((64, 0), (0, None)):
+        stream = stream_mod.TrainStream(make_cfg(shards, num_workers=0, cache_mb=cache_mb), 0, 1)
+        per_epoch = []
+        for epoch in range(3):
+            reads.clear()
+            assert sum(len(b["label"]) for b in stream.epoch(epoch)) > 0
+            per_epoch.append(len(reads))
+        assert per_epoch[0] > 0 and per_epoch[1:] == ([later] * 2 if later is not None else per_epoch[1:])
+        if cache_mb == 0:
+            assert min(per_epoch[1:]) > 0  # nothing cached: the shards are read (and verified) every epoch
+
+
+def test_kept_batches_are_never_overwritten_and_early_stops_do_not_hang(shards):
+    """list(loader) keeps every batch: the ring must switch those slots to fresh memory, not rewrite them.
+    An epoch left after two batches must not block the next one."""
+    from datasets.stream import TrainStream
+
+    cfg = make_cfg(shards, num_workers=2, sampler="random", batch_size=2)
+    reference = _epoch(train_loader(cfg, 0, 1, 0))
+    assert len(reference) >= 4 * 2 * 2  # as many batches as ring slots: the later ones reuse slots
+    kept = list(train_loader(cfg, 0, 1, 0))
+    assert _same([(b["label"].tolist(), b["image"]) for b in kept], reference)
+    stream = TrainStream(cfg, 0, 1)
+    try:
+        it = iter(stream.epoch(0))
+        first = [next(it), next(it)]
+        it.close()
+        assert _same(_epoch(stream.epoch(1)), _epoch(train_loader(cfg, 0, 1, 1)))
+        assert _same([(b["label"].tolist(), b["image"]) for b in first], reference[:2])  # still intact
+    finally:
+        stream.close()

@@ -339,13 +339,13 @@ def run(
 ) -> dict:
     """Train (and evaluate) ``cfg``; return the final metrics.
 
-    ``loader_fn(cfg, rank, world_size, epoch)`` defaults to ``datasets.stream.train_loader``; another one
-    (tests) must come with its ``num_classes``.
+    ``loader_fn(cfg, rank, world_size, epoch)`` defaults to the epochs of one ``datasets.stream.TrainStream``
+    (workers that persist across epochs); another one (tests) must come with its ``num_classes``.
     """
     from datasets.prepare import ensure_shards
-    from datasets.stream import train_loader
+    from datasets.stream import TrainStream
 
-    loader_fn = loader_fn or train_loader
+    stream = None
     accelerator = make_accelerator(cfg, resolve_run_dir(cfg, run_dir))
     run_path = Path(broadcast_object_list([str(resolve_run_dir(cfg, run_dir))])[0])
     if accelerator.is_main_process:
@@ -355,12 +355,17 @@ def run(
     setup_logging(run_path, accelerator.is_main_process)
     log.info("run dir %s; %d process(es) on %s, precision %s", run_path, accelerator.num_processes,
              accelerator.device, cfg.train.precision)  # fmt: skip
-    if loader_fn is train_loader:
+    if loader_fn is None:
         with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
             manifest = ensure_shards(cfg)
         num_classes = check_data(cfg, manifest, accelerator.num_processes)
         splits = [cfg.data.train_split, cfg.data.query_split, cfg.data.gallery_split]
         log.info("\n%s", manifest_table(manifest, splits, title=cfg.data.shards))
+        stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
+
+        def loader_fn(cfg, rank, world_size, epoch):
+            return stream.epoch(epoch)
+
     ckpt.seed_everything(cfg.train.seed)
     loader_len = len(loader_fn(cfg, accelerator.process_index, accelerator.num_processes, 0))
     parts = build_parts(cfg, accelerator, num_classes, loader_len)
@@ -380,6 +385,8 @@ def run(
             write_state(parts, prog, cfg, accelerator, run_path)
     finally:
         flag.restore()
+        if stream is not None:
+            stream.close()
     accelerator.end_training()
     log.info("done: %d steps, best mAP %.1f%% (%s)", prog.global_step, 100 * max(prog.best_map, 0), prog.best_path)
     return {**prog.metrics, "best_mAP": prog.best_map, "best_path": prog.best_path, "global_step": prog.global_step,
