@@ -263,3 +263,25 @@ def test_failing_step_exits_promptly_with_stream_workers(shards, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "injected failure in step 2" in proc.stderr
+
+
+def test_sync_bn_converts_every_batchnorm_on_cuda_and_is_refused_with_a_warning_on_cpu(caplog):
+    """The conversion itself (running SyncBatchNorm needs CUDA devices: DDP refuses it on CPU)."""
+    from types import SimpleNamespace
+
+    from trainers.models import build_model
+    from trainers.setup import sync_batchnorm
+
+    cfg = load_config("retr_demo", ["model.backbone=test_resnet", "train.sync_bn=true"])
+    model = build_model(cfg.model, 8, img_size=(32, 32))
+    bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    gpus = SimpleNamespace(num_processes=2, device=torch.device("cuda", 0))
+    synced = sync_batchnorm(model, cfg, gpus)
+    assert bns > 2 and sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == bns
+    cpus = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    fresh = build_model(cfg.model, 8, img_size=(32, 32))
+    with caplog.at_level("WARNING", logger="trainers.retrieval"):
+        assert sync_batchnorm(fresh, cfg, cpus) is fresh
+    assert "train.sync_bn ignored" in caplog.text
+    single = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0))
+    assert sync_batchnorm(fresh, cfg, single) is fresh

@@ -102,15 +102,21 @@ def check_data(cfg: ExperimentConfig, manifest: dict, world_size: int) -> int:
     return num_classes
 
 
+def sync_batchnorm(model: torch.nn.Module, cfg: ExperimentConfig, accelerator) -> torch.nn.Module:
+    """``train.sync_bn``: BatchNorm statistics over all processes (torch's SyncBatchNorm runs on CUDA only)."""
+    if not cfg.train.sync_bn or accelerator.num_processes < 2:
+        return model
+    if accelerator.device.type != "cuda":
+        log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA devices (BN statistics stay per process)")
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def build_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: int, loader_len: int) -> Parts:
     model = build_model(cfg.model, num_classes, img_size=(cfg.data.height, cfg.data.width))
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.train.sync_bn and accelerator.num_processes > 1:
-        if accelerator.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.warning("train.sync_bn ignored: SyncBatchNorm needs CUDA devices (BN statistics stay per process)")
+    model = sync_batchnorm(model, cfg, accelerator)
     raw_model = model
     criterion = RetrievalLoss(cfg.loss, num_classes, model.dim).to(accelerator.device)
     optimizer = build_optimizer(model, cfg.optim)
