@@ -251,3 +251,24 @@ def test_kept_batches_are_never_overwritten_and_early_stops_do_not_hang(shards):
         assert _same([(b["label"].tolist(), b["image"]) for b in first], reference[:2])  # still intact
     finally:
         stream.close()
+
+
+def test_live_workers_never_block_the_exit_after_a_consumer_error(shards):
+    """Workers ignore SIGTERM (SLURM); a persistent stream left open by an error is closed at exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import REPO
+
+    code = textwrap.dedent(
+        f"""
+        from tests.test_datasets_stream import make_cfg
+        from datasets.stream import TrainStream
+        stream = TrainStream(make_cfg({str(shards)!r}, num_workers=2), 0, 1)
+        for batch in stream.epoch(0):
+            raise RuntimeError("consumer failed")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "consumer failed" in proc.stderr, proc.stderr[-2000:]
