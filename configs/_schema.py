@@ -110,7 +110,7 @@ class DataConfig:
     """balanced sampler: most samples taken per class per epoch (0 = the median class count)"""
     num_workers: int = 2
     """data loader workers per rank (they persist across epochs)"""
-    cache_mb: int = 1024
+    cache_mb: int = 512
     """per worker: JPEG bytes of read samples kept for later epochs (0 = read the shards every epoch)"""
     shuffle_buffer: int = 1000
     """sample shuffle buffer of the training stream"""
