@@ -295,7 +295,8 @@ class TrainStream:
     def start(self, epoch: int) -> Iterator[dict]:
         self.ring.keep_held()
         self.control[0] = epoch
-        self._batches = iter(self.loader)  # the first call starts the workers, later ones restart their iteration
+        with torch.random.fork_rng(devices=[]):  # starting workers (or not) must not move the caller's RNG
+            self._batches = iter(self.loader)  # the first call starts the workers, later ones restart them
         return self._batches
 
     def end_epoch(self) -> None:

@@ -74,6 +74,28 @@ def test_kill_and_resume_matches_uninterrupted(shards, reference, tmp_path):
     _assert_same(reference, _final_weights(tmp_path / "cut"))
 
 
+def test_resume_is_exact_with_stochastic_depth_and_persistent_workers(shards, tmp_path):
+    """drop_path draws from the trainer's RNG: resuming from an epoch's end (state 3) and from the middle of
+    an epoch (state 4), with 2 persistent stream workers, both end where the uninterrupted run ends."""
+    import shutil
+
+    extra = ["model.drop_path=0.3", "data.num_workers=2"]
+    full = run(_cfg(shards, *extra), run_dir=str(tmp_path / "full"))
+    assert full["global_step"] == 6
+    reference = _final_weights(tmp_path / "full")
+    with pytest.raises(Stopped):
+        run(_cfg(shards, *extra), run_dir=str(tmp_path / "cut"), max_steps=4)
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_at_3")
+    for name, step in (("cut", 4), ("cut_at_3", 3)):
+        state = ckpt.state_path(tmp_path / name / "checkpoints", step)
+        assert ckpt.load_state(state)["batch_in_epoch"] == (1 if step == 4 else 0)
+        run(_cfg(shards, *extra), run_dir=str(tmp_path / name), resume=str(state))
+        _assert_same(reference, _final_weights(tmp_path / name))
+    without = run(_cfg(shards, "data.num_workers=2"), run_dir=str(tmp_path / "no_drop_path"))
+    assert without["global_step"] == 6
+    assert any(not torch.equal(v, reference[k]) for k, v in _final_weights(tmp_path / "no_drop_path").items())
+
+
 def test_signal_writes_state_and_resume_is_exact(shards, reference, tmp_path):
     """SIGUSR2 in the middle of a step: the state is written at the next step boundary, then exit 128+12."""
     calls = {"n": 0}

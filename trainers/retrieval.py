@@ -208,7 +208,9 @@ def epoch_batches(loader_fn, cfg: ExperimentConfig, accelerator: Accelerator, pr
     batches = iter(loader)
     for _ in range(prog.batch_in_epoch):
         next(batches)
-    if rng is not None:
+    if rng is not None and prog.batch_in_epoch > 0:
+        # mid-epoch: continue from the saved RNG; a state from an epoch's end (batch 0 of the next) has none to
+        # restore: the uninterrupted run reseeds here too
         ckpt.set_rng_state(rng)
     return batches, length
 
