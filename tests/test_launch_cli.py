@@ -110,12 +110,17 @@ def test_mmengine_configs_take_launch_overrides_and_pass_the_rest_as_cfg_options
     assert cfg is None and launch.cpu_tasks == 2 and options == ("train_cfg.max_epochs=1",)
 
 
-@pytest.mark.parametrize("use_gpu, visible, expected", [(False, "", None), (True, "4,6", "6"), (True, "", "1")])
-def test_task_environment_comes_from_submitit(tmp_path, use_gpu, visible, expected):
-    """TrainJob in a (simulated) local submitit task 1 of 2: rank env for Accelerate, one GPU per task."""
+@pytest.mark.parametrize(
+    "use_gpu, visible, expected, deepspeed",
+    [(False, "", None, False), (True, "4,6", "6", False), (True, "", "1", False), (False, "", None, True)],
+)
+def test_task_environment_comes_from_submitit(tmp_path, use_gpu, visible, expected, deepspeed):
+    """TrainJob in a (simulated) local submitit task 1 of 2: rank env for Accelerate, one GPU per task; on CPU
+    Accelerate is told so, except under DeepSpeed (told "CPU", Accelerate would drop DeepSpeed)."""
+    overrides = ["train.deepspeed_config=configs/deepspeed/zero2.json"] if deepspeed else []
     code = (
         "import json; from configs import load_config; from launch.job import TrainJob; "
-        f"job = TrainJob(load_config('retr_demo'), 'retr_demo', 'tests.launch_helpers', {use_gpu}); "
+        f"job = TrainJob(load_config('retr_demo', {overrides!r}), 'retr_demo', 'tests.launch_helpers', {use_gpu}); "
         "print(json.dumps(job()))"
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SUBMITIT_EXECUTOR": "local",
@@ -128,6 +133,6 @@ def test_task_environment_comes_from_submitit(tmp_path, use_gpu, visible, expect
     task_env = result["env"]
     assert (task_env["RANK"], task_env["WORLD_SIZE"], task_env["LOCAL_RANK"]) == ("1", "2", "1")
     assert task_env["MASTER_ADDR"] and task_env["MASTER_PORT"]
-    assert task_env["ACCELERATE_USE_CPU"] == (None if use_gpu else "1")
+    assert task_env["ACCELERATE_USE_CPU"] == (None if use_gpu or deepspeed else "1")
     if use_gpu:
         assert task_env["CUDA_VISIBLE_DEVICES"] == expected
