@@ -112,8 +112,6 @@ class DataConfig:
     """data loader workers per rank (they persist across epochs)"""
     cache_mb: int = 512
     """per worker: JPEG bytes of read samples kept for later epochs (0 = read the shards every epoch)"""
-    shuffle_buffer: int = 1000
-    """sample shuffle buffer of the training stream"""
     eval_batch_size: int = 64
     """batch size of the evaluation stream"""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -124,7 +122,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.reader", self.reader, READERS)
         _choice("data.sampler", self.sampler, SAMPLERS)
-        for key in ("height", "width", "batch_size", "num_instances", "eval_batch_size", "shuffle_buffer"):
+        for key in ("height", "width", "batch_size", "num_instances", "eval_batch_size"):
             _positive(f"data.{key}", getattr(self, key))
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _positive("data.cache_mb", self.cache_mb, allow_zero=True)
