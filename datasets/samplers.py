@@ -26,8 +26,11 @@ class EpochPlan:
     stats: dict = field(default_factory=dict)
 
 
-def assign_shards(num_shards: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shards of each rank this epoch: a seeded shuffle dealt round-robin (the node split rotates per epoch)."""
+def assign_shards(counts: Sequence[int], world_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shards of each rank this epoch (the node split, rotating per epoch): a seeded shuffle, then each shard to
+    the rank holding the fewest samples so far (largest shards first), so ranks get nearly equal pools and the
+    equal-length cut drops little. ``counts`` are the shards' sample counts."""
+    num_shards = len(counts)
     if num_shards < world_size:
         raise ValueError(
             f"the training split has {num_shards} shards but there are {world_size} ranks; every rank needs at "
@@ -35,7 +38,15 @@ def assign_shards(num_shards: int, world_size: int, seed: int, epoch: int) -> li
         )
     order = list(range(num_shards))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [sorted(order[r::world_size]) for r in range(world_size)]
+    order.sort(key=lambda i: -counts[i])  # stable: equal-size shards keep the shuffled order
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for position, i in enumerate(order):
+        # the least-loaded rank; among equals, rotate with the position so equal shards are dealt round-robin
+        rank = min(range(world_size), key=lambda r: (load[r], (r - position) % world_size))
+        owned[rank].append(i)
+        load[rank] += counts[i]
+    return [sorted(o) for o in owned]
 
 
 def shard_indices(shards: Sequence[dict], ids: Sequence[int]) -> list[int]:
@@ -114,7 +125,7 @@ def plan_epoch(
     balanced_cap: int = 0,
 ) -> list[EpochPlan]:
     """Every rank's plan for ``epoch``, all cut to the same number of batches."""
-    owned = assign_shards(len(shards), world_size, seed, epoch)
+    owned = assign_shards([s["count"] for s in shards], world_size, seed, epoch)
     selected, cap = None, None
     if sampler == "balanced":
         keep, cap = balanced_selection(labels, balanced_cap, seed, epoch)

@@ -323,6 +323,15 @@ class TrainEpoch:
                 self.stats["padded_identities"],
                 stream.cfg.data.num_instances,
             )
+        if self.stats.get("dropped_batches"):
+            log.info(
+                "rank %d epoch %d: %d of this rank's batches left out so every rank has %d (the shards' samples "
+                "are dealt to ranks unevenly; smaller data.prepare.shard_size evens them)",
+                stream.rank,
+                epoch,
+                self.stats["dropped_batches"],
+                len(self.plan.batches),
+            )
 
     def __len__(self) -> int:
         return len(self.plan.batches)

@@ -272,3 +272,19 @@ def test_live_workers_never_block_the_exit_after_a_consumer_error(shards):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "consumer failed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_uneven_shards_are_dealt_to_even_out_the_ranks_pools():
+    """Shards of 200, 200 and 36 samples over 2 ranks: 236 / 200, not 400 / 36 (which would cut every rank
+    to the small one's batch count and leave out most of the data)."""
+    labels = [i % 24 for i in range(436)]
+    shards = [{"first_index": 0, "count": 200}, {"first_index": 200, "count": 200}, {"first_index": 400, "count": 36}]
+    for epoch in range(4):
+        plans = plan_epoch(labels, shards, "pk", 16, 2, seed=0, epoch=epoch, num_instances=4)
+        pools = sorted(p.stats["pool"] for p in plans)
+        assert pools == [200, 236], pools
+        assert len(plans[0].batches) >= 10 and sum(p.stats["dropped_batches"] for p in plans) <= 3
+    equal = [{"first_index": 10 * i, "count": 10} for i in range(7)]
+    for epoch in range(3):
+        owned = [p.shards for p in plan_epoch(list(range(70)), equal, "random", 2, 3, seed=1, epoch=epoch)]
+        assert sorted(len(o) for o in owned) == [2, 2, 3] and sorted(sum(owned, [])) == list(range(7))
