@@ -10,7 +10,7 @@ iterators (sha256 and sample counts checked), keeps in memory the JPEG bytes of 
 (about split size / (ranks x workers)), then decodes and augments each of its batches
 (``datasets.transforms.BatchAugment``) straight into one of its shared-memory buffers, reused round-robin
 (``_BatchRing``). The DataLoader returns worker outputs round-robin, which is plan order, so the main process
-forwards each batch without copying it; a batch's image tensor is valid until the next batch is requested.
+forwards each batch without copying it; a buffer is rewritten only once the consumer has dropped the batch.
 Decoding and augmentation, the expensive work, are split exactly by rank and worker.
 
 Evaluation. The split's shards go to ranks (``rank::world_size``) and then to workers; with fewer shards than
@@ -208,13 +208,17 @@ class _TrainBatches(IterableDataset):
         mine = range(worker, len(plan.batches), workers)
         held = self._fetch({i for b in mine for i in plan.batches[b]})
         for number in mine:
+            if int(self.control[1]) != generation:  # the consumer ended this epoch: skip its remaining batches
+                return
             batch = [held[i] for i in plan.batches[number]]
             images = [decode(jpg) for jpg, _ in batch]
             out = self.ring.acquire(number, len(batch), self.control, generation)
             if out is None:
                 return
             with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone when there are no workers
-                torch.manual_seed(_batch_seed(self.cfg.train.seed, epoch, self.rank, number))
+                # the CPU generator only (what the augmentation draws from): torch.manual_seed would also
+                # reseed the caller's CUDA generators, which fork_rng(devices=[]) does not restore
+                torch.default_generator.manual_seed(_batch_seed(self.cfg.train.seed, epoch, self.rank, number))
                 self.augment(images, out)
             item = {**_metadata([meta for _, meta in batch]), "batch": number, "size": len(batch)}
             if not _in_ring(self.ring, number, out):
@@ -278,7 +282,12 @@ class TrainStream:
         self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, generation]
         self.ring = _BatchRing(self.workers, PREFETCH + 2, (d.batch_size // world_size, 3, d.height, d.width))
         self.dataset = _TrainBatches(cfg, self.entry, rank, world_size, self.ring, self.control)
-        self.loader = DataLoader(
+        self.loader = self._make_loader()
+        self._batches: Iterator | None = None
+        _LIVE.add(self)
+
+    def _make_loader(self) -> DataLoader:
+        return DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=self.workers,
@@ -286,8 +295,6 @@ class TrainStream:
             prefetch_factor=PREFETCH if self.workers else None,
             persistent_workers=self.workers > 0,
         )
-        self._batches: Iterator | None = None
-        _LIVE.add(self)
 
     def epoch(self, epoch: int) -> TrainEpoch:
         return TrainEpoch(self, epoch)
@@ -303,8 +310,11 @@ class TrainStream:
         self.control[1] += 1  # a worker still busy with the ended epoch stops instead of waiting for a slot
 
     def close(self) -> None:
-        _stop_workers(self._batches)
-        self._batches = None
+        """Stop the workers (a later epoch starts new ones)."""
+        if self._batches is not None:
+            _stop_workers(self._batches)
+            self._batches = None
+            self.loader = self._make_loader()  # the old one would try to restart the stopped workers
 
 
 class TrainEpoch:

@@ -288,3 +288,20 @@ def test_uneven_shards_are_dealt_to_even_out_the_ranks_pools():
     for epoch in range(3):
         owned = [p.shards for p in plan_epoch(list(range(70)), equal, "random", 2, 3, seed=1, epoch=epoch)]
         assert sorted(len(o) for o in owned) == [2, 2, 3] and sorted(sum(owned, [])) == list(range(7))
+
+
+def test_in_process_stream_leaves_the_callers_generators_alone(shards, monkeypatch):
+    """Without workers the augmentation runs in the trainer's process: it must neither move the trainer's CPU
+    RNG nor reseed its CUDA generators (torch.manual_seed would, and fork_rng(devices=[]) does not undo that)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    torch.manual_seed(123)
+    calls.clear()
+    before = torch.get_rng_state()
+    assert len(list(train_loader(make_cfg(shards, num_workers=0), 0, 1, epoch=0))) > 0
+    assert torch.equal(torch.get_rng_state(), before) and calls == []
+
+
+def test_a_train_loader_can_be_iterated_twice(shards):
+    loader = train_loader(make_cfg(shards, num_workers=2), 0, 1, epoch=0)
+    assert _same(_epoch(loader), _epoch(loader))

@@ -307,3 +307,15 @@ def test_sync_bn_converts_every_batchnorm_on_cuda_and_is_refused_with_a_warning_
     assert "train.sync_bn ignored" in caplog.text
     single = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0))
     assert sync_batchnorm(fresh, cfg, single) is fresh
+
+
+def test_settings_that_only_change_speed_do_not_block_a_resume():
+    from configs import to_dict
+
+    old = to_dict(load_config("retr_demo"))
+    old["data"]["shuffle_buffer"] = 1000  # a key states written by earlier versions still hold
+    new = to_dict(load_config("retr_demo", ["data.cache_mb=64", "data.num_workers=4"]))
+    assert ckpt.config_changes(old, new) == []
+    assert ckpt.config_changes(old, to_dict(load_config("retr_demo", ["optim.lr=0.5"]))) == [
+        f"optim.lr: {old['optim']['lr']!r} -> 0.5"
+    ]

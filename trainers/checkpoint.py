@@ -25,6 +25,8 @@ RESUME_IGNORED = (
     "train.log_every",
     "checkpoint.",
     "data.num_workers",
+    "data.cache_mb",
+    "data.shuffle_buffer",  # an unused key that states written before it was removed still hold
     "data.eval_batch_size",
     "eval.",
 )

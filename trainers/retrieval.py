@@ -161,10 +161,12 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
             sync_center_grad(parts, accelerator)
             if cfg.optim.clip_grad > 0:
                 accelerator.clip_grad_norm_(parts.model.parameters(), cfg.optim.clip_grad)
-        for opt in (parts.optimizer, parts.center_optimizer):
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        parts.optimizer.step()  # Accelerate's wrapper (or DeepSpeed's engine) steps at accumulation boundaries
+        parts.optimizer.zero_grad(set_to_none=True)
+        # under DeepSpeed the center optimizer is a plain torch optimizer: step it at the boundaries only
+        if parts.center_optimizer is not None and accelerator.sync_gradients:
+            parts.center_optimizer.step()
+            parts.center_optimizer.zero_grad(set_to_none=True)
     stats = {k: v.detach().float() for k, v in terms.items()}
     stats["acc"] = (out["logits"].detach().argmax(1) == labels).float().mean()
     return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,10 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
         # process); it initialises DeepSpeed's process group with the backend given here instead of nccl
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if "LOCAL_RANK" not in os.environ:  # one process, not started by a launcher: a group of one
+            os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
     return Accelerator(
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -68,6 +73,12 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def resolve_run_dir(cfg: ExperimentConfig, run_dir: str | None) -> Path:
