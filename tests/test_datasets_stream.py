@@ -305,3 +305,18 @@ def test_in_process_stream_leaves_the_callers_generators_alone(shards, monkeypat
 def test_a_train_loader_can_be_iterated_twice(shards):
     loader = train_loader(make_cfg(shards, num_workers=2), 0, 1, epoch=0)
     assert _same(_epoch(loader), _epoch(loader))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_train_shard_fails_the_training_stream_naming_it(shards, tmp_path, workers):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    shard = read_manifest(copy)["splits"]["train"]["shards"][1]
+    path = copy / shard["file"]
+    path.write_bytes(path.read_bytes()[:1500])
+    cfg = make_cfg(copy, num_workers=workers, sampler="random", batch_size=4)
+    with pytest.raises(Exception, match=shard["file"]):
+        for epoch in range(3):  # every epoch plan reads every train shard of this single rank
+            list(train_loader(cfg, 0, 1, epoch))
