@@ -144,7 +144,7 @@ class _BatchRing:
         """(main side, before an epoch starts) Slots whose image the consumer still holds are KEPT."""
         for w in range(self.workers):
             for s in range(self.depth):
-                if self.state[w, s] == FILLED and _use_count(self.slots[w][s]) > self.base:
+                if self.state[w, s] == FILLED and self._held(w, s):
                     self.state[w, s] = KEPT
 
     def view(self, number: int, size: int) -> torch.Tensor:
@@ -157,7 +157,11 @@ class _BatchRing:
             return
         w, s = self.slot(number)
         if self.state[w, s] == FILLED:
-            self.state[w, s] = FREE if _use_count(self.slots[w][s]) <= self.base else KEPT
+            self.state[w, s] = KEPT if self._held(w, s) else FREE
+
+    def _held(self, w: int, s: int) -> bool:
+        """Does anyone beyond the ring itself still hold slot ``(w, s)`` (the batch tensor or a view of it)?"""
+        return _use_count(self.slots[w][s]) > self.base
 
 
 def _batch_seed(seed: int, epoch: int, rank: int, number: int) -> int:
