@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from configs._ranges import check_ranges
+
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
-
-
-def _positive(key: str, value, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 READERS = ("sample", "coco", "market1501", "mars", "grocery", "folders")
@@ -45,14 +42,7 @@ class PrepareConfig:
     """skip (and count, report, record in the manifest) unreadable images instead of failing"""
 
     def __post_init__(self) -> None:
-        _positive("prepare.padding", self.padding, allow_zero=True)
-        _positive("prepare.min_size", self.min_size, allow_zero=True)
-        _positive("prepare.max_side", self.max_side, allow_zero=True)
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"prepare.quality={self.quality} must be in 1..100")
-        _positive("prepare.shard_size", self.shard_size)
-        _positive("prepare.gallery_views", self.gallery_views, allow_zero=True)
-        _positive("prepare.workers", self.workers)
+        check_ranges(self)
 
 
 @dataclass
@@ -73,11 +63,7 @@ class AugmentConfig:
     """normalisation std"""
 
     def __post_init__(self) -> None:
-        for key in ("flip_p", "erasing_p"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"data.augment.{key}={getattr(self, key)} must be in [0, 1]")
-        _positive("data.augment.pad", self.pad, allow_zero=True)
-        _positive("data.augment.color_jitter", self.color_jitter, allow_zero=True)
+        check_ranges(self)
 
 
 @dataclass
@@ -120,13 +106,9 @@ class DataConfig:
     """training augmentation"""
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         _choice("data.reader", self.reader, READERS)
         _choice("data.sampler", self.sampler, SAMPLERS)
-        for key in ("height", "width", "batch_size", "num_instances", "eval_batch_size"):
-            _positive(f"data.{key}", getattr(self, key))
-        _positive("data.num_workers", self.num_workers, allow_zero=True)
-        _positive("data.cache_mb", self.cache_mb, allow_zero=True)
-        _positive("data.balanced_cap", self.balanced_cap, allow_zero=True)
         if self.sampler == "pk" and self.batch_size % self.num_instances:
             raise ValueError(
                 f"data.batch_size={self.batch_size} must be a multiple of data.num_instances={self.num_instances} "
@@ -171,7 +153,7 @@ class ModelConfig:
         _choice("model.neck_feat", self.neck_feat, ("before", "after"))
         _choice("model.head", self.head, ("linear", "amsoftmax", "arcface"))
         _choice("model.last_stride", self.last_stride, (1, 2))
-        _positive("model.embed_dim", self.embed_dim, allow_zero=True)
+        check_ranges(self)
 
 
 @dataclass
@@ -196,11 +178,7 @@ class LossConfig:
     """stop with an error after this many non-finite losses in a row (each one is skipped)"""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        for key in ("ce_weight", "triplet_weight", "triplet_margin", "center_weight", "center_lr"):
-            _positive(f"loss.{key}", getattr(self, key), allow_zero=True)
-        _positive("loss.max_nan_steps", self.max_nan_steps)
+        check_ranges(self)
 
 
 @dataclass
@@ -224,11 +202,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adam", "adamw"))
-        _positive("optim.lr", self.lr)
-        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("optim.head_lr_mult", self.head_lr_mult)
-        _positive("optim.clip_grad", self.clip_grad, allow_zero=True)
-        _positive("optim.grad_accum", self.grad_accum)
+        check_ranges(self)
 
 
 @dataclass
@@ -253,9 +227,7 @@ class ScheduleConfig:
     """cosine: final lr as a fraction of the base lr"""
 
     def __post_init__(self) -> None:
-        _positive("schedule.epochs", self.epochs)
-        _positive("schedule.iters_per_epoch", self.iters_per_epoch, allow_zero=True)
-        _positive("schedule.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        check_ranges(self)
         _choice("schedule.kind", self.kind, ("multistep", "cosine"))
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"schedule.milestones={self.milestones} must be increasing")
@@ -282,7 +254,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("no", "fp16", "bf16"))
-        _positive("train.log_every", self.log_every)
+        check_ranges(self)
 
 
 @dataclass
@@ -303,7 +275,7 @@ class EvalConfig:
     """L2-normalise embeddings before ranking"""
 
     def __post_init__(self) -> None:
-        _positive("eval.every", self.every, allow_zero=True)
+        check_ranges(self)
         _choice("eval.protocol", self.protocol, ("reid", "retail"))
 
 
@@ -317,8 +289,7 @@ class CheckpointConfig:
     """resumable states kept"""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint.every_steps", self.every_steps)
-        _positive("checkpoint.keep_last", self.keep_last)
+        check_ranges(self)
 
 
 @dataclass
@@ -354,12 +325,7 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         _choice("launch.cluster", self.cluster, ("auto", "slurm", "local"))
-        if self.nodes < 1:
-            raise ValueError(f"launch.nodes={self.nodes} must be >= 1")
-        _positive("launch.gpus_per_node", self.gpus_per_node, allow_zero=True)
-        _positive("launch.cpu_tasks", self.cpu_tasks)
-        _positive("launch.cpus_per_task", self.cpus_per_task)
-        _positive("launch.time_min", self.time_min)
+        check_ranges(self)
 
 
 @dataclass

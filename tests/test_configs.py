@@ -54,3 +54,57 @@ def test_pk_batch_must_divide():
 def test_unknown_config_lists_available():
     with pytest.raises(ValueError, match="available configs: .*retr_demo"):
         load_config("nope")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("schedule.warmup_factor=-1", r"schedule.warmup_factor=-1.0 must be in \(0, 1\]"),
+        ("optim.lr=nan", r"optim.lr=nan must be a finite number"),
+        ("optim.lr=inf", r"optim.lr=inf must be a finite number"),
+        ("optim.weight_decay=nan", r"optim.weight_decay=nan must be a finite number"),
+        ("schedule.gamma=nan", r"schedule.gamma=nan must be a finite number"),
+        ("data.height=100000", r"data.height=100000 must be in \[16, 4096\]"),
+        ("data.prepare.padding=nan", r"data.prepare.padding=nan must be a finite number"),
+        ("data.prepare.padding=-0.1", r"data.prepare.padding=-0.1 must be in \[0, 4\]"),
+        ("data.augment.mean=0.5,nan,0.5", r"data.augment.mean=\(0.5, nan, 0.5\) must be a finite number"),
+        ("train.seed=99999999999999999999", r"train.seed=.* does not fit a 64-bit integer"),
+        ("optim.lr=0", r"optim.lr=0.0 must be in \(0, 100\]"),
+    ],
+)
+def test_harmful_numbers_are_rejected_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("retr_demo", [override])
+
+
+def test_every_numeric_field_has_a_declared_range():
+    """A new numeric field must be given a range in configs/_ranges.py when it is added."""
+    import dataclasses
+    import typing
+
+    from configs._ranges import RANGES
+
+    def numeric_keys(cls, prefix):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hint):
+                yield from numeric_keys(hint, key + ".")
+            elif hint in (int, float) or (
+                typing.get_origin(hint) is tuple and typing.get_args(hint)[0] in (int, float)
+            ):
+                yield key
+
+    missing = [k for k in numeric_keys(ExperimentConfig, "") if k not in RANGES]
+    assert not missing, f"add a range for {missing} to configs/_ranges.py RANGES"
+    unknown = set(RANGES) - set(numeric_keys(ExperimentConfig, ""))
+    assert not unknown, f"RANGES lists keys that are not numeric config fields: {sorted(unknown)}"
+
+
+def test_sections_built_directly_are_range_checked():
+    from configs import OptimConfig, PrepareConfig
+
+    with pytest.raises(ValueError, match=r"data.prepare.padding=nan"):
+        PrepareConfig(padding=float("nan"))
+    with pytest.raises(ValueError, match=r"optim.weight_decay=2.0 must be in \[0, 1\]"):
+        OptimConfig(weight_decay=2.0)

@@ -56,7 +56,7 @@ def test_unknown_config_lists_the_available_ones(capsys):
     [
         ("launch.nodes=0", "launch.nodes=0 must be >= 1"),
         ("launch.gpus_per_node=-1", "launch.gpus_per_node=-1 must be >= 0"),
-        ("launch.cpu_tasks=0", "launch.cpu_tasks=0 must be > 0"),
+        ("launch.cpu_tasks=0", "launch.cpu_tasks=0 must be >= 1"),
         ("launch.extra_sbatch=exclusive", "launch.extra_sbatch entry 'exclusive'"),
         ("launch.bogus=1", "unknown config key 'launch.bogus'"),
     ],
