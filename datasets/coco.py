@@ -25,6 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from datasets.crop import oriented_size
 from datasets.readers import finish_splits, log_skips, require_dir
 from datasets.records import Record, assign_labels
 
@@ -77,9 +78,24 @@ def image_size(image: dict, file: Path, path: Path) -> tuple[int, int]:
         return int(image["width"]), int(image["height"])
     try:
         with Image.open(file) as im:
-            return im.size
+            return oriented_size(im)  # boxes are drawn on the image as shown, EXIF orientation applied
     except Exception as e:  # PIL raises several types for broken files
         raise ValueError(f"{path}: image id {image['id']} file {file} cannot be read ({e})") from e
+
+
+def checked_annotation(ann: dict, path: Path) -> tuple:
+    """(id, image_id, category_id, bbox) of one annotation; ValueError naming the file and the annotation when
+    an id is not an integer (a string ``"9"`` is not the category 9) or the bbox is not 4 numbers."""
+    aid = ann["id"]
+    for key in ("image_id", "category_id"):
+        value = ann.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: annotation {aid} has {key} {value!r} ({type(value).__name__}); ids are integers")
+    bbox = ann.get("bbox")
+    numbers = isinstance(bbox, (list, tuple)) and all(isinstance(v, (int, float)) for v in bbox)
+    if not numbers or len(bbox) != 4 or any(isinstance(v, bool) for v in bbox):
+        raise ValueError(f"{path}: annotation {aid} has bbox {bbox!r}; expected [x, y, w, h], 4 numbers")
+    return aid, ann["image_id"], ann["category_id"], bbox
 
 
 def clip_box(bbox, width: int, height: int) -> tuple[tuple[float, float, float, float] | None, bool]:
@@ -116,7 +132,7 @@ def read_boxes(
     sizes: dict[int, tuple[int, int]] = {}
     out, clipped_ids = [], []
     for ann in coco["annotations"]:
-        aid, iid, cid = ann["id"], ann.get("image_id"), ann.get("category_id")
+        aid, iid, cid, bbox = checked_annotation(ann, path)
         if iid not in images:
             raise ValueError(f"{path}: annotation {aid} points at image id {iid}, which is not in 'images'")
         if cid not in categories:
@@ -125,7 +141,7 @@ def read_boxes(
         file = image_dir / str(image.get("file_name", ""))
         if iid not in sizes:
             sizes[iid] = image_size(image, file, path)
-        box, clipped = clip_box(ann.get("bbox"), *sizes[iid])
+        box, clipped = clip_box(bbox, *sizes[iid])
         if box is None:
             skipped["box with no area inside its image"].append(f"{path.name} annotation {aid} bbox={ann.get('bbox')}")
             continue

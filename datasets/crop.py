@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from datasets.records import Record
@@ -43,15 +44,59 @@ def resolve_path(record: Record, root: str) -> Path:
     return path if path.is_absolute() or not root else Path(root) / path
 
 
+ALPHA_BACKGROUND = (255, 255, 255)
+"""colour under transparent pixels: white, as product cut-outs are shown in catalogues"""
+
+EXIF_ORIENTATION = 0x0112
+"""EXIF tag of the camera orientation; values 5..8 swap width and height"""
+
+
+class UnsupportedImage(ValueError):
+    """An image mode without a faithful 8-bit RGB rendering."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows the image: EXIF orientation applied, 16-bit scaled, alpha composited.
+
+    16-bit greyscale (``I;16*``, or ``I`` within 0..65535) is scaled by 255/65535; transparency (``RGBA``,
+    ``LA``, ``PA``, palette transparency) is composited over ``ALPHA_BACKGROUND``. Modes without a faithful
+    8-bit rendering (float, 32-bit integer beyond 16 bits) raise ``UnsupportedImage``.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise UnsupportedImage(f"{img.mode} image with values {values.min()}..{values.max()} is not 16-bit")
+        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        raise UnsupportedImage("floating-point images have no defined 8-bit rendering")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation, read from the header without decoding the pixels."""
+    width, height = img.size
+    return (height, width) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def load_image(record: Record, root: str) -> Image.Image:
-    """Fully decoded RGB image; missing, corrupt or truncated files raise ``CropError`` naming the file."""
+    """Fully decoded RGB image (see ``to_rgb``); missing, corrupt, truncated or unrenderable files raise
+    ``CropError`` naming the file."""
     path = resolve_path(record, root)
     if not path.is_file():
         raise CropError(record, "missing_image", f"image file {path} does not exist")
     try:
         with Image.open(path) as img:
             img.load()  # forces a full decode: truncated JPEGs fail here, not later
-            return img.convert("RGB")
+            return to_rgb(img)
+    except UnsupportedImage as exc:
+        raise CropError(record, "unsupported_image", f"{path}: {exc}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise CropError(record, "bad_image", f"cannot decode {path}: {exc}") from None
 

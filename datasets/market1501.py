@@ -19,6 +19,8 @@ from datasets.records import Record, assign_labels
 NAME_RE = re.compile(r"^(?P<pid>-?\d+)_c(?P<cam>\d+)(?:s(?P<seq>\d+))?_f?(?P<frame>\d+)(?:_(?P<box>\d+))?$")
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 JUNK, DISTRACTOR = -1, 0
+MARKET_CAMERAS, DUKE_CAMERAS = 6, 8
+"""cameras of each dataset; the name pattern tells them apart (Market names carry a sequence ``sS``)"""
 
 
 def parse_name(path: Path) -> tuple[int, int, dict[str, int]]:
@@ -29,8 +31,9 @@ def parse_name(path: Path) -> tuple[int, int, dict[str, int]]:
             f"{path}: file name does not follow PPPP_cCsS_FFFFFF_NN.jpg (Market-1501) or PPPP_cC_fFFFFFFF.jpg (Duke)"
         )
     cam = int(match["cam"])
-    if cam < 1:
-        raise ValueError(f"{path}: camera c{cam} must be >= 1")
+    dataset, cameras = ("Market-1501", MARKET_CAMERAS) if match["seq"] is not None else ("DukeMTMC-reID", DUKE_CAMERAS)
+    if not 1 <= cam <= cameras:
+        raise ValueError(f"{path}: camera c{cam} does not exist in {dataset}, which has cameras c1..c{cameras}")
     meta = {"frame": int(match["frame"])}
     if match["seq"] is not None:
         meta["sequence"] = int(match["seq"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(frozen=True)
 class Record:
@@ -29,6 +31,13 @@ class Record:
     """human-readable class name, when the source has one"""
     meta: Mapping[str, object] = field(default_factory=dict)
     """extra source fields kept in the shard json (image id, annotation id, tracklet, ...)"""
+
+    def __post_init__(self) -> None:
+        # identities and cameras become int64 tensors in the data loader: check here, where the file is known
+        for key in ("identity", "camera", "label"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+                raise ValueError(f"{self.path}: {key} {value!r} is not an integer that fits in 64 bits")
 
 
 def assign_labels(records: Sequence[Record]) -> tuple[list[Record], list[int]]:

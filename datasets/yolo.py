@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from datasets.crop import oriented_size
+
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -43,7 +45,7 @@ def yolo_split_to_coco(root: Path, split: str, names: list[str] | None = None) -
     images, annotations, classes = [], [], set()
     for image_id, path in enumerate(sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), 1):
         with Image.open(path) as im:
-            width, height = im.size
+            width, height = oriented_size(im)  # labels are normalised to the image as shown (EXIF applied)
         images.append({"id": image_id, "file_name": f"{split}/{path.name}", "width": width, "height": height})
         for cls, cx, cy, w, h in read_labels(root / "labels" / split / f"{path.stem}.txt"):
             x1, y1 = max((cx - w / 2) * width, 0.0), max((cy - h / 2) * height, 0.0)
