@@ -307,10 +307,8 @@ def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog
         prog.best_map = float(metrics["mAP"])
         path = run_dir / f"mAP{100 * prog.best_map:.1f}.pth"
         if accelerator.is_main_process:
-            for old in run_dir.glob("mAP*.pth"):
-                old.unlink()
             weights = {k: v.float() if v.is_floating_point() else v for k, v in parts.raw_model.state_dict().items()}
-            ckpt.save_atomic(weights, path)  # float32 also after DeepSpeed fp16/bf16
+            path = ckpt.save_best(weights, run_dir, prog.best_map)  # float32 also after DeepSpeed fp16/bf16
             log.info("new best mAP %.1f%%: weights in %s", 100 * prog.best_map, path)
         prog.best_path = str(path)
     if accelerator.is_main_process:
