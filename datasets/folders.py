@@ -1,8 +1,9 @@
 """Readers for identity folders: the Grocery Store layout (split lists + iconic library) and plain class folders.
 
-Grocery Store (reader ``grocery``): ``dataset/{train,val}.txt`` lines ``path, fine id, coarse id``,
-``dataset/classes.csv`` with one iconic image per class. Splits: train (train.txt), query (val.txt),
-gallery (the iconic images, the product library). Identity = fine class id.
+Grocery Store (reader ``grocery``): ``dataset/{train,val,test}.txt`` lines ``path, fine id, coarse id``,
+``dataset/classes.csv`` with one iconic image per class. Splits: train (train.txt), the query split
+(``data.query_split``: ``query`` reads val.txt, any other name NAME reads NAME.txt, e.g. ``test`` for the
+official test list), gallery (the iconic images, the product library). Identity = fine class id.
 Plain folders (reader ``folders``): ``root/<split>/<class name>/*.jpg``; identity = index of the class
 name among all class names of all splits (sorted), so a class keeps its identity across splits.
 """
@@ -10,11 +11,14 @@ name among all class names of all splits (sorted), so a class keeps its identity
 from __future__ import annotations
 
 import csv
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 from datasets.readers import finish_splits, list_images, log_skips, require_dir
 from datasets.records import Record, assign_labels
+
+log = logging.getLogger(__name__)
 
 CLASS_COLUMNS = {
     "name": "Class Name (str)",
@@ -23,7 +27,8 @@ CLASS_COLUMNS = {
     "coarse_id": "Coarse Class ID (int)",
     "iconic": "Iconic Image Path (str)",
 }
-LIST_SPLITS = {"train": "train.txt", "query": "val.txt"}
+DEFAULT_QUERY_LIST = "val"
+"""the list read for the query split when ``data.query_split`` is ``query``"""
 
 
 def read_classes(path: Path) -> dict[int, dict[str, str]]:
@@ -66,12 +71,29 @@ def read_list(path: Path, base: Path, split: str, classes: dict[int, dict[str, s
     return records
 
 
-def read_grocery(root: str | Path, title: str = "GroceryStore") -> dict[str, list[Record]]:
-    """Splits train/query/gallery of the Grocery Store dataset (``root`` or ``root/dataset``)."""
+def split_lists(base: Path) -> list[str]:
+    """Names of the split lists (``NAME.txt``) in the dataset folder."""
+    return sorted(p.stem for p in base.glob("*.txt") if p.is_file())
+
+
+def read_grocery(root: str | Path, title: str = "GroceryStore", query: str = "query") -> dict[str, list[Record]]:
+    """Splits train, ``query`` and gallery of the Grocery Store dataset (``root`` or ``root/dataset``).
+
+    ``query`` names the query split and its list: ``query`` reads val.txt, another NAME reads NAME.txt.
+    """
     root = require_dir(root, "Grocery Store root")
     base = root / "dataset" if (root / "dataset" / "classes.csv").is_file() else root
     classes = read_classes(base / "classes.csv")
-    splits = {split: read_list(base / name, base, split, classes) for split, name in LIST_SPLITS.items()}
+    query_list = DEFAULT_QUERY_LIST if query == "query" else query
+    lists = split_lists(base)
+    if query_list not in lists:
+        raise ValueError(
+            f"{base}: data.query_split={query!r} needs the list {query_list}.txt, which is not there; the lists "
+            f"here are {', '.join(f'{n}.txt' for n in lists)} (query = val.txt; name another list to use it)"
+        )
+    splits = {"train": read_list(base / "train.txt", base, "train", classes)}
+    splits[query] = read_list(base / f"{query_list}.txt", base, query, classes)
+    log.info("%s: query split %r from %s.txt (lists here: %s)", base, query, query_list, ", ".join(lists))
     gallery = []
     for cid, row in sorted(classes.items()):
         image = base / row["iconic"].lstrip("/")

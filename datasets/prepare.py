@@ -2,7 +2,9 @@
 
 Crops run in a process pool but are written in record order, so re-running on the same input gives
 byte-identical shards. The old manifest is removed first and the new one written last (atomically), so an
-interrupted run never leaves a manifest that points at partial shards.
+interrupted run never leaves a manifest that points at partial shards. One writer at a time holds the folder's
+lock (``datasets.shardguard``; ``--wait`` to queue behind another), the set is re-verified once written, and
+a complete set made from another reader or root is not overwritten without ``--replace``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing as mp
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +24,16 @@ from tqdm import tqdm
 from configs import ExperimentConfig, PrepareConfig, load_config
 from datasets.crop import CropError, CropSettings, crop_record
 from datasets.records import Record, stats_table
-from datasets.shards import FORMAT_VERSION, MANIFEST, ShardSink, read_manifest, remove_stale, write_json_atomic
+from datasets.shardguard import ShardsBusy, check_source, writer_lock
+from datasets.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    ShardSink,
+    read_manifest,
+    remove_stale,
+    verify_shards,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +138,18 @@ def _reasons(skipped: list[dict]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(Counter(s["reason"] for s in skipped).items())) or "none"
 
 
+@dataclasses.dataclass(frozen=True)
+class Guard:
+    """How ``prepare_shards`` treats a shards folder that another process writes or another source filled."""
+
+    source: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """what the shards are made from (reader, absolute root), recorded in the manifest"""
+    replace: bool = False
+    """overwrite a complete set of another source"""
+    wait_s: float = 0.0
+    """how long to wait for another writer of the folder before failing"""
+
+
 def prepare_shards(
     splits: Mapping[str, Sequence[Record]],
     out_dir: str | Path,
@@ -134,31 +158,62 @@ def prepare_shards(
     gallery_split: str = "gallery",
     progress: bool = True,
     reader_skipped: Mapping[str, Sequence[str]] | None = None,
+    guard: Guard | None = None,
 ) -> dict:
     """Write every split of ``splits`` into ``out_dir`` and return the manifest (also written, last).
 
-    ``reader_skipped`` (reason -> records the reader left out) is recorded in the manifest as it is.
+    ``reader_skipped`` (reason -> records the reader left out) is recorded in the manifest as it is. The
+    folder's writer lock is held throughout (``guard.wait_s``); ``guard.source`` is recorded, and a complete
+    set of another source is not overwritten unless ``guard.replace``. The written set is re-verified.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    guard = guard or Guard()
     for name, recs in splits.items():
         if not recs:
             raise ValueError(
                 f"split {name!r} has no records: nothing to write (check the reader's root and split names)"
             )
-    (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is complete
-    entries = {}
-    for name, recs in splits.items():
-        views = prepare.gallery_views if name == gallery_split else 0
-        entries[name] = write_split(out, name, recs, prepare, root, views, progress)
-    keep = {s["file"] for e in entries.values() for s in e["shards"]}
-    remove_stale(out, keep, list(entries))
-    settings = dict(dataclasses.asdict(prepare), root=root, gallery_split=gallery_split)
-    manifest = {"version": FORMAT_VERSION, "settings": settings, "splits": entries}
-    if reader_skipped:
-        manifest["reader_skipped"] = {reason: list(items) for reason, items in reader_skipped.items() if items}
-    write_json_atomic(out / MANIFEST, manifest)
+    with writer_lock(out, guard.wait_s):
+        check_source(out, complete_manifest(out), guard.source, guard.replace)
+        (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is complete
+        entries = {}
+        for name, recs in splits.items():
+            views = prepare.gallery_views if name == gallery_split else 0
+            entries[name] = write_split(out, name, recs, prepare, root, views, progress)
+        keep = {s["file"] for e in entries.values() for s in e["shards"]}
+        remove_stale(out, keep, list(entries))
+        settings = dict(dataclasses.asdict(prepare), root=root, gallery_split=gallery_split)
+        manifest = {"version": FORMAT_VERSION, "settings": settings, "splits": entries}
+        if guard.source:
+            manifest["source"] = dict(guard.source)
+        if reader_skipped:
+            manifest["reader_skipped"] = {reason: list(items) for reason, items in reader_skipped.items() if items}
+        write_json_atomic(out / MANIFEST, manifest)
+        reverify(out, manifest)
     return manifest
+
+
+def complete_manifest(out: Path) -> dict | None:
+    """The folder's valid manifest, or None (none, unreadable, or being rewritten by another process)."""
+    try:
+        return read_manifest(out)
+    except (FileNotFoundError, ValueError, ShardsBusy):
+        return None
+
+
+def reverify(out: Path, manifest: dict) -> None:
+    """Check the manifest on disk and every shard's sha256 against what this run wrote; remove it on mismatch."""
+    try:
+        verify_shards(out)
+        on_disk = {n: [s["sha256"] for s in e["shards"]] for n, e in read_manifest(out)["splits"].items()}
+        if on_disk != {n: [s["sha256"] for s in e["shards"]] for n, e in manifest["splits"].items()}:
+            raise ValueError("the manifest on disk is not the one this run wrote")
+    except (FileNotFoundError, ValueError) as exc:
+        (out / MANIFEST).unlink(missing_ok=True)
+        raise ValueError(
+            f"{out}: re-verification after writing failed ({exc}); the manifest was removed. "
+            "Did another process write into this folder?"
+        ) from None
 
 
 def summary(manifest: dict) -> str:
@@ -179,14 +234,24 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def prepare_from_config(cfg: ExperimentConfig, splits: Sequence[str] = (), progress: bool = True, show=None) -> dict:
+def prepare_from_config(
+    cfg: ExperimentConfig,
+    splits: Sequence[str] = (),
+    progress: bool = True,
+    show=None,
+    replace: bool = False,
+    wait_s: float = 0.0,
+) -> dict:
     """Read ``cfg.data``'s records and write the chosen splits (default: train, query, gallery) as shards.
 
     ``show`` (the CLI's ``print``) receives the statistics table of what is written; the reader logs its own.
+    ``replace`` allows overwriting a complete set of another source; ``wait_s`` waits for another writer.
     """
     from datasets.readers import read_records
 
     d = cfg.data
+    guard = Guard({"reader": d.reader, "root": os.path.abspath(d.root)}, replace, wait_s)
+    check_source(d.shards, complete_manifest(Path(d.shards)), guard.source, replace)  # before the slow part
     reader_skipped: dict[str, list[str]] = {}
     records = read_records(d, reader_skipped)
     wanted = list(splits) or [d.train_split, d.query_split, d.gallery_split]
@@ -196,20 +261,28 @@ def prepare_from_config(cfg: ExperimentConfig, splits: Sequence[str] = (), progr
     chosen = {s: records[s] for s in dict.fromkeys(wanted)}
     if show is not None:
         show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
-    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress, reader_skipped)
+    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress, reader_skipped, guard)
+
+
+SAMPLE_WAIT_S = 600.0
+"""how long a trainer waits for another process that prepares the embedded sample into the same folder"""
 
 
 def ensure_shards(cfg: ExperimentConfig) -> dict:
     """The manifest of ``cfg.data.shards``; the embedded sample (``data.reader=sample``) is prepared when absent.
 
     Other readers are never prepared implicitly: a real dataset's crops take a while and belong in an
-    explicit step, which the error names.
+    explicit step, which the error names. Shards that another process is still writing are an error
+    (``ShardsBusy``) naming that process, except the sample, which is awaited.
     """
-    if not (Path(cfg.data.shards) / MANIFEST).is_file() and cfg.data.reader == "sample":
-        log.info("no shards in %s yet: preparing the embedded sample", cfg.data.shards)
-        manifest = prepare_from_config(cfg, progress=False)
-        log.info("wrote %s/%s\n%s", cfg.data.shards, MANIFEST, summary(manifest))
-    return read_manifest(cfg.data.shards)
+    shards = Path(cfg.data.shards)
+    if not (shards / MANIFEST).is_file() and cfg.data.reader == "sample":
+        with writer_lock(shards, SAMPLE_WAIT_S, command="prepare the embedded sample"):
+            if not (shards / MANIFEST).is_file():  # another process may have written it while this one waited
+                log.info("no shards in %s yet: preparing the embedded sample", shards)
+                manifest = prepare_from_config(cfg, progress=False)
+                log.info("wrote %s/%s\n%s", shards, MANIFEST, summary(manifest))
+    return read_manifest(shards)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -218,11 +291,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="experiment config name (configs/NAME.py)")
     parser.add_argument("--splits", default="", help="comma-separated splits to write (default: train,query,gallery)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite data.shards even when it holds a complete set made from another reader/root",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for another process writing data.shards (default: fail at once)",
+    )
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides)
     splits = [s for s in args.splits.split(",") if s]
-    manifest = prepare_from_config(cfg, splits, progress=not args.no_progress, show=print)
+    manifest = prepare_from_config(cfg, splits, not args.no_progress, print, args.replace, args.wait)
     print(f"wrote {cfg.data.shards}/{MANIFEST}\n{summary(manifest)}")
     return manifest
 

@@ -44,7 +44,7 @@ def read_records(data, skipped: dict[str, list[str]] | None = None) -> dict[str,
     if data.reader == "grocery":
         from datasets.folders import read_grocery
 
-        return read_grocery(root)
+        return read_grocery(root, query=data.query_split)
     if data.reader == "folders":
         from datasets.folders import read_folders
 

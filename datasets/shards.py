@@ -11,11 +11,14 @@ import io
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from datasets.shardguard import check_not_being_written
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,22 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def temp_name(name: str) -> str:
+    """A hidden temporary name for ``name`` that no other writer uses (pid + random), removed by remove_stale."""
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` through a temporary file, fsync and an atomic rename."""
+    tmp = path.with_name(temp_name(path.name))
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ShardSink:
@@ -59,13 +73,14 @@ class ShardSink:
         self.count = 0
         self._writer: wds.TarWriter | None = None
         self._file = None
+        self._tmp: Path | None = None
         self._in_shard = 0
 
     def write(self, jpg: bytes, meta: dict) -> None:
         """Append one sample; ``meta["index"]`` must be the running sample count."""
         if self._writer is None:
-            tmp = self.out_dir / (shard_name(self.split, len(self.shards)) + ".tmp")
-            self._file = open(tmp, "wb")  # noqa: SIM115 - closed in _close_shard
+            self._tmp = self.out_dir / temp_name(shard_name(self.split, len(self.shards)))
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close_shard
             # fixed owner, mode, int mtime (a float adds a PAX header per member): byte-identical tars on re-runs
             self._writer = wds.TarWriter(self._file, user="detretr", group="detretr", mode=0o444, mtime=0)
         body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
@@ -79,8 +94,8 @@ class ShardSink:
         self._writer.close()
         self._file.close()
         name = shard_name(self.split, len(self.shards))
-        tmp, final = self.out_dir / (name + ".tmp"), self.out_dir / name
-        os.replace(tmp, final)
+        final = self.out_dir / name
+        os.replace(self._tmp, final)
         first = self.count - self._in_shard
         self.shards.append({"file": name, "count": self._in_shard, "first_index": first, "sha256": sha256_file(final)})
         self._writer, self._file, self._in_shard = None, None, 0
@@ -96,13 +111,14 @@ def remove_stale(out_dir: Path, keep: set[str], splits: list[str]) -> None:
     """Delete shards of the written splits that the new manifest does not list, and leftover temp files."""
     for path in sorted(out_dir.iterdir()):
         stale_shard = path.suffix == ".tar" and path.name.rsplit("-", 1)[0] in splits and path.name not in keep
-        if stale_shard or path.name.endswith(".tar.tmp"):
+        if stale_shard or path.name.endswith(".tmp"):
             log.info("removing stale %s", path)
             path.unlink()
 
 
 def read_manifest(shards_dir: str | Path) -> dict:
     """Load and validate ``shards_dir/manifest.json``; a clear error when it is missing or malformed."""
+    check_not_being_written(shards_dir)
     path = Path(shards_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(

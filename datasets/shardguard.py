@@ -1,0 +1,148 @@
+"""Guards of a shards folder: one writer at a time, no reading while it is written, no silent replacement.
+
+The writer lock is ``flock`` on ``SHARDS/.prepare.lock``; the kernel releases it when the writer exits, even
+by ``kill -9``, so a crash never leaves a stale lock. The holder writes who it is into the file, so that a
+second writer (which waits or fails) and a reader (which fails) can say which process is still writing. On
+NFS, Linux maps ``flock`` onto byte-range locks, which the server arbitrates across hosts.
+
+Every manifest records its ``source`` (reader and absolute root); writing another source into a folder that
+holds a complete set is refused unless the caller asks for it (``--replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".prepare.lock"
+POLL_S = 0.5
+SAY_EVERY_S = 30.0
+_HELD: set[str] = set()  # folders whose lock this process holds (flock conflicts with a second open file)
+
+
+class ShardsBusy(RuntimeError):
+    """Another process is writing the shards folder."""
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _holder_info(folder: Path) -> dict:
+    try:
+        return json.loads((folder / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def holder(folder: str | Path) -> str:
+    """Who holds the lock of ``folder``, as written by the holder (best effort: it may be mid-write)."""
+    info = _holder_info(Path(folder))
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} ({info.get('command', '?')}, since {info.get('since', '?')})"
+
+
+def _acquire(fd: int, folder: Path, wait_s: float) -> None:
+    start, next_say = time.monotonic(), 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited >= wait_s:
+                raise ShardsBusy(
+                    f"shards folder {folder} is being written by {holder(folder)}"
+                    + (f"; waited {wait_s:.0f} s" if wait_s else "")
+                    + ". Wait for it to finish (datasets.prepare --wait SECONDS) or write elsewhere (data.shards=...)"
+                ) from None
+            if waited >= next_say:
+                log.warning("shards folder %s is being written by %s; waiting up to %.0f s", folder, holder(folder),
+                            wait_s)  # fmt: skip
+                next_say = waited + SAY_EVERY_S
+            time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, wait_s: float = 0.0, command: str = "datasets.prepare") -> Iterator[None]:
+    """Hold the exclusive writer lock of ``folder`` (created if needed) for the ``with`` block; re-entrant.
+
+    Another writer holding it: wait up to ``wait_s`` seconds (saying so every 30 s), then ``ShardsBusy``.
+    """
+    folder = Path(folder).resolve()
+    if str(folder) in _HELD:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _acquire(fd, folder, wait_s)
+        info = {**_me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD.add(str(folder))
+        try:
+            yield
+        finally:
+            _HELD.discard(str(folder))
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def check_not_being_written(folder: str | Path) -> None:
+    """``ShardsBusy`` when another process holds the writer lock of ``folder`` (readers call this)."""
+    folder = Path(folder).resolve()
+    if str(folder) in _HELD:
+        return
+    try:
+        fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
+    except OSError:  # no lock file: no writer has run here (or the folder is not ours to lock)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ShardsBusy(
+            f"shards folder {folder} is still being written by {holder(folder)}; start once it has finished "
+            "(its manifest is written last)"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+def describe(source: Mapping) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(source.items()))
+
+
+def recorded_source(manifest: Mapping) -> dict:
+    """The source of a manifest; older manifests recorded only ``settings.root``."""
+    if "source" in manifest:
+        return dict(manifest["source"])
+    root = manifest.get("settings", {}).get("root")
+    return {"root": os.path.abspath(root)} if root else {}
+
+
+def check_source(folder: str | Path, manifest: Mapping | None, source: Mapping, replace: bool) -> None:
+    """Refuse to write ``source`` over a complete set of another source in ``folder`` unless ``replace``."""
+    if manifest is None or not source:
+        return
+    old = recorded_source(manifest)
+    differs = {k: (old[k], source[k]) for k in old.keys() & source.keys() if old[k] != source[k]}
+    if not differs:
+        return
+    if replace:
+        log.warning("replacing the shards of %s in %s with %s (asked for)", describe(old), folder, describe(source))
+        return
+    raise FileExistsError(
+        f"shards folder {folder} holds a complete set from {describe(old)}; this run's source is "
+        f"{describe(source)}. Write it elsewhere (data.shards=...) or pass --replace to overwrite that set"
+    )
