@@ -19,8 +19,8 @@ from configs import load_config
 from datasets.prepare import main as prepare_main
 from datasets.shards import read_manifest
 from inference.evaluate import evaluate_model
+from inference.models import build_model
 from trainers.checkpoint import seed_everything
-from trainers.models import build_model
 from trainers.retrieval import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

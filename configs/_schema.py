@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from configs._ranges import check_ranges
+from datasets.readers import READERS
+from inference.aggregate import POOLINGS
+from inference.heads import HEADS
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -16,7 +19,6 @@ def _choice(key: str, value, allowed) -> None:
         raise ValueError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
 
 
-READERS = ("sample", "coco", "market1501", "mars", "grocery", "folders")
 SAMPLERS = ("pk", "balanced", "random")
 
 
@@ -71,7 +73,7 @@ class DataConfig:
     """Where the data comes from, how it is sharded and how it is streamed."""
 
     reader: str = "sample"
-    """record reader: one of READERS"""
+    """record reader: a key of datasets.readers.READERS"""
     root: str = "data/sample"
     """dataset root for the reader (for ``sample``: where the generated set is written)"""
     shards: str = "data/shards/sample"
@@ -129,7 +131,7 @@ class ModelConfig:
     last_stride: int = 1
     """stride of the last ResNet stage (1 = the ReID recipe)"""
     pooling: str = "avg"
-    """global pooling: avg or gem"""
+    """global pooling: a key of inference.aggregate.POOLINGS"""
     gem_p: float = 3.0
     """initial GeM exponent"""
     embed_dim: int = 0
@@ -139,7 +141,7 @@ class ModelConfig:
     neck_feat: str = "after"
     """inference embedding: before or after the BNNeck"""
     head: str = "linear"
-    """classifier: linear, amsoftmax or arcface"""
+    """classifier: a key of inference.heads.HEADS"""
     scale: float = 30.0
     """cosine classifier scale"""
     margin: float = 0.35
@@ -148,10 +150,10 @@ class ModelConfig:
     """stochastic depth rate for timm backbones that support it"""
 
     def __post_init__(self) -> None:
-        _choice("model.pooling", self.pooling, ("avg", "gem"))
+        _choice("model.pooling", self.pooling, POOLINGS)
         _choice("model.neck", self.neck, ("bnneck", "none"))
         _choice("model.neck_feat", self.neck_feat, ("before", "after"))
-        _choice("model.head", self.head, ("linear", "amsoftmax", "arcface"))
+        _choice("model.head", self.head, HEADS)
         _choice("model.last_stride", self.last_stride, (1, 2))
         check_ranges(self)
 

@@ -26,8 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from datasets.crop import oriented_size
-from datasets.readers import finish_splits, log_skips, require_dir
-from datasets.records import Record, assign_labels
+from datasets.records import Record, assign_labels, finish_splits, log_skips, require_dir
 
 HELD_OUT_EVERY = 5
 log = logging.getLogger(__name__)

@@ -15,8 +15,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from datasets.readers import finish_splits, list_images, log_skips, require_dir
-from datasets.records import Record, assign_labels
+from datasets.records import Record, assign_labels, finish_splits, list_images, log_skips, require_dir
 
 log = logging.getLogger(__name__)
 

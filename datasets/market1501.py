@@ -12,8 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from datasets.readers import finish_splits, list_images, log_skips, require_dir
-from datasets.records import Record, assign_labels
+from datasets.records import Record, assign_labels, finish_splits, list_images, log_skips, require_dir
 
 # Market-1501: 0002_c1s1_069056_02.jpg (pid, camera, sequence, frame, box); DukeMTMC-reID: 0005_c2_f0046985.jpg
 NAME_RE = re.compile(r"^(?P<pid>-?\d+)_c(?P<cam>\d+)(?:s(?P<seq>\d+))?_f?(?P<frame>\d+)(?:_(?P<box>\d+))?$")

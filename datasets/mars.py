@@ -13,8 +13,7 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from datasets.readers import finish_splits, list_images, log_skips, require_dir
-from datasets.records import Record, assign_labels
+from datasets.records import Record, assign_labels, finish_splits, list_images, log_skips, require_dir
 
 NAME_RE = re.compile(r"^(?P<pid>00-1|-?\d+)C(?P<cam>\d)T(?P<tracklet>\d+)F(?P<frame>\d+)$")
 JUNK, DISTRACTOR = -1, 0

@@ -1,82 +1,37 @@
-"""`read_records(data)`: pick the reader named by ``data.reader`` and return its splits of plain records.
-
-Also holds the small checks every reader shares (directory present, no empty split, statistics logged).
-"""
+"""``read_records(data)``: the reader named by ``data.reader`` (a key of ``READERS``) and its splits of records."""
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-from datasets.records import Record, stats_table
+from datasets.coco import read_coco
+from datasets.folders import read_folders, read_grocery
+from datasets.market1501 import read_market1501
+from datasets.mars import read_mars
+from datasets.records import Record
+from datasets.sample import ensure_sample
 
-log = logging.getLogger(__name__)
+Splits = dict[str, list[Record]]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# data.reader picks one of these (the config schema validates against this dict); each takes the data config
+# section and, for the COCO readers, a dict that receives the annotations left out on purpose
+READERS: dict[str, Callable[[Any, dict | None], Splits]] = {
+    "sample": lambda data, skipped: read_coco(ensure_sample(data.root), title="sample", skipped=skipped),
+    "coco": lambda data, skipped: read_coco(data.root, skipped=skipped),
+    "market1501": lambda data, skipped: read_market1501(data.root),
+    "mars": lambda data, skipped: read_mars(data.root),
+    "grocery": lambda data, skipped: read_grocery(data.root, query=data.query_split),
+    "folders": lambda data, skipped: read_folders(data.root),
+}
 
 
-def read_records(data, skipped: dict[str, list[str]] | None = None) -> dict[str, list[Record]]:
+def read_records(data, skipped: dict[str, list[str]] | None = None) -> Splits:
     """Records of every split of ``data.root`` read by ``data.reader`` (a ``configs.DataConfig``).
 
     ``skipped`` (optional) receives the annotations the COCO readers leave out, by reason (boxes with no
     area inside their image, ...), so that ``datasets.prepare`` can record them in the manifest.
     """
-    root = data.root
-    if data.reader == "sample":
-        from datasets.coco import read_coco
-        from datasets.sample import ensure_sample
-
-        return read_coco(ensure_sample(root), title="sample", skipped=skipped)
-    if data.reader == "coco":
-        from datasets.coco import read_coco
-
-        return read_coco(root, skipped=skipped)
-    if data.reader == "market1501":
-        from datasets.market1501 import read_market1501
-
-        return read_market1501(root)
-    if data.reader == "mars":
-        from datasets.mars import read_mars
-
-        return read_mars(root)
-    if data.reader == "grocery":
-        from datasets.folders import read_grocery
-
-        return read_grocery(root, query=data.query_split)
-    if data.reader == "folders":
-        from datasets.folders import read_folders
-
-        return read_folders(root)
-    raise ValueError(f"data.reader={data.reader!r} is not valid; choose one of sample, coco, market1501, mars, ...")
-
-
-def require_dir(path: str | Path, what: str) -> Path:
-    """``path`` as an absolute Path, or FileNotFoundError saying which dataset part is missing."""
-    path = Path(os.path.abspath(path))
-    if not path.is_dir():
-        raise FileNotFoundError(f"{what}: directory {path} does not exist")
-    return path
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name (other files such as Thumbs.db are ignored)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def finish_splits(splits: Mapping[str, Sequence[Record]], source: str | Path, title: str) -> dict[str, list[Record]]:
-    """Check that no split is empty (ValueError naming ``source`` and the split), log the stats table."""
-    for name, recs in splits.items():
-        if not recs:
-            raise ValueError(f"{source}: split {name!r} is empty (no usable records)")
-    log.info("%s", stats_table(splits, title=title))
-    return {name: list(recs) for name, recs in splits.items()}
-
-
-def log_skips(source: str | Path, skipped: Mapping[str, Sequence[str]]) -> None:
-    """Report records left out on purpose (junk ids, degenerate boxes ...): counts plus a few examples."""
-    for reason, items in skipped.items():
-        if items:
-            examples = ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
-            log.warning("%s: skipped %d record(s): %s (e.g. %s)", source, len(items), reason, examples)
+    if data.reader not in READERS:
+        raise ValueError(f"data.reader={data.reader!r} is not valid; choose one of {sorted(READERS)}")
+    return READERS[data.reader](data, skipped)

@@ -1,14 +1,18 @@
-"""The plain record every reader returns, and the seed's dataset statistics table."""
+"""The plain record every reader returns, the seed's dataset statistics table, and the checks readers share
+(directory present, no empty split, skipped records reported)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -68,3 +72,33 @@ def stats_table(splits: Mapping[str, Sequence[Record]], title: str = "") -> str:
         lines.append(f"  {name:<8} | {n_ids:5d} | {n_img:8d} | {n_cam:9d}")
     lines.append(rule)
     return "\n".join(line for line in lines if line or title)
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """``path`` as an absolute Path, or FileNotFoundError saying which dataset part is missing."""
+    path = Path(os.path.abspath(path))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: directory {path} does not exist")
+    return path
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (other files such as Thumbs.db are ignored)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def finish_splits(splits: Mapping[str, Sequence[Record]], source: str | Path, title: str) -> dict[str, list[Record]]:
+    """Check that no split is empty (ValueError naming ``source`` and the split), log the stats table."""
+    for name, recs in splits.items():
+        if not recs:
+            raise ValueError(f"{source}: split {name!r} is empty (no usable records)")
+    log.info("%s", stats_table(splits, title=title))
+    return {name: list(recs) for name, recs in splits.items()}
+
+
+def log_skips(source: str | Path, skipped: Mapping[str, Sequence[str]]) -> None:
+    """Report records left out on purpose (junk ids, degenerate boxes ...): counts plus a few examples."""
+    for reason, items in skipped.items():
+        if items:
+            examples = ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
+            log.warning("%s: skipped %d record(s): %s (e.g. %s)", source, len(items), reason, examples)

@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image
 
 from datasets.crop import oriented_size
+from datasets.records import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def read_labels(path: Path) -> list[tuple[int, float, float, float, float]]:

@@ -95,11 +95,12 @@ class RMAC(nn.Module):
         return out
 
 
-POOLINGS = {"gap": GAP, "gmp": GMP, "gem": GeM, "spoc": SPoC, "rmac": RMAC}
+# by name: model.pooling (the config schema validates against this dict) and build_aggregation
+POOLINGS: dict[str, type[nn.Module]] = {"avg": GAP, "max": GMP, "gem": GeM, "spoc": SPoC, "rmac": RMAC}
 
 
 def build_aggregation(name: str, **kwargs) -> nn.Module:
-    """Aggregation module by name (``gap``, ``gmp``, ``gem``, ``spoc``, ``rmac``), kwargs to its constructor."""
+    """Aggregation module by name (a key of ``POOLINGS``), kwargs to its constructor."""
     if name not in POOLINGS:
         raise ValueError(f"aggregation {name!r} is not known; choose one of {sorted(POOLINGS)}")
     return POOLINGS[name](**kwargs)

@@ -14,6 +14,7 @@ from torch import nn
 from configs import ExperimentConfig, load_config
 from inference.extract import extract_features, sort_by_index
 from inference.metrics import evaluate_ranking
+from inference.models import load_model
 from inference.postprocess import l2_normalize
 from inference.rerank import k_reciprocal_rerank
 
@@ -51,7 +52,7 @@ def evaluate_model(
 ) -> dict:
     """Embed the query and gallery splits (this rank's share), gather them, and return the ranking metrics
     (computed on rank 0, sent to all ranks). ``accelerator`` is accepted for the trainer's convenience."""
-    from datasets.stream import eval_loader  # [B]'s loader; imported late so the metrics work without it
+    from datasets.stream import eval_loader  # imported late: the metrics work without the data stack
 
     parts = {}
     for name, split in (("query", cfg.data.query_split), ("gallery", cfg.data.gallery_split)):
@@ -61,29 +62,6 @@ def evaluate_model(
     if world_size > 1:
         dist.broadcast_object_list(result, src=0)
     return result[0]
-
-
-def load_model(cfg: ExperimentConfig, checkpoint: str, device) -> nn.Module:
-    """Build the model of cfg.model and load a state_dict file (weights_only); classes from the weights."""
-    from pathlib import Path
-
-    from trainers.models import build_model  # [E]'s model builder
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    head = state.get("head.weight") if isinstance(state, dict) else None
-    if head is None:
-        raise ValueError(f"checkpoint {path} is not a retrieval model state_dict (no 'head.weight')")
-    model = build_model(cfg.model, num_classes=int(head.shape[0]), img_size=(cfg.data.height, cfg.data.width))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit model.backbone={cfg.model.backbone!r}: {err}") from None
-    return model.to(device).eval()
 
 
 def format_results(metrics: dict) -> str:
@@ -105,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = load_config(args.config, overrides)
     cfg.eval.flip = cfg.eval.flip or args.flip
     cfg.eval.rerank = cfg.eval.rerank or args.rerank
-    model = load_model(cfg, args.checkpoint, args.device)
+    model = load_model(cfg.model, args.checkpoint, img_size=(cfg.data.height, cfg.data.width)).to(args.device)
     metrics = evaluate_model(model, cfg, args.device)
     extra = " + flip" * cfg.eval.flip + " + re-ranking" * cfg.eval.rerank
     print(f"Results of {args.checkpoint} on {cfg.data.shards} ({cfg.eval.protocol} protocol{extra})")

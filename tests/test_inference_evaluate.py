@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from configs import load_config
-from inference.evaluate import evaluate_model, load_model, main, rank_features
+from inference.evaluate import evaluate_model, main, rank_features
 from inference.extract import extract_features, sort_by_index
 from inference.metrics import evaluate_ranking
+from inference.models import build_model, load_model
 
 
 class FirstColumn(nn.Module):
@@ -72,8 +73,6 @@ def test_evaluate_model_matches_direct_ranking_and_ranks_split_exactly(sample_sh
 
 
 def test_cli_with_random_weights_flip_and_rerank(sample_shards, tmp_path, capsys):
-    from trainers.models import build_model
-
     args = [*sample_shards, "model.backbone=test_resnet", "data.height=32", "data.width=32"]
     cfg = load_config("retr_demo", args)
     weights = tmp_path / "random.pth"
@@ -84,10 +83,10 @@ def test_cli_with_random_weights_flip_and_rerank(sample_shards, tmp_path, capsys
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
         assert 0.0 <= metrics[key] <= 1.0
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_model(cfg, str(tmp_path / "missing.pth"), "cpu")
+        load_model(cfg.model, str(tmp_path / "missing.pth"))
     torch.save({"fc.bias": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a retrieval model state_dict"):
-        load_model(cfg, str(tmp_path / "other.pth"), "cpu")
+        load_model(cfg.model, str(tmp_path / "other.pth"))
 
 
 def test_empty_split_is_a_clear_error():

@@ -7,8 +7,8 @@ import timm
 import torch
 
 from configs import load_config
+from inference.models import build_model
 from trainers.losses import RetrievalLoss
-from trainers.models import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from configs import LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from inference.models import build_model
 from trainers.losses import RetrievalLoss, batch_hard_triplet, pairwise_distances
-from trainers.models import build_model
 from trainers.optim import build_optimizer, build_scheduler, lr_factor
 
 

@@ -8,9 +8,9 @@ import torch
 import torchvision
 
 from configs import ModelConfig
-from trainers.heads import MarginHead
-from trainers.ibn import resnet_ibn_a
-from trainers.models import build_model, load_pretrained
+from inference.heads import MarginHead
+from inference.ibn import resnet_ibn_a
+from inference.models import build_model, load_pretrained
 
 
 def _cfg(**kw) -> ModelConfig:

@@ -202,7 +202,7 @@ def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):
     pytest.importorskip("inference.evaluate", reason="inference.evaluate (engineer [C]) has not landed yet")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainers.models import build_model
+    from inference.models import build_model
 
     cfg = _cfg(shards, "eval.enabled=true", "eval.every=1", "schedule.epochs=1")
     result = run(cfg, run_dir=str(tmp_path / "ev"))
@@ -247,7 +247,7 @@ def test_cli_stop_then_resume_auto_finds_the_run(shards, tmp_path):
 @pytest.mark.slow
 def test_torch_compile_trains_and_saves_plain_weights(shards, tmp_path):
     """train.compile=true (inductor on CPU, about 30 s to compile): state keys are the plain model's."""
-    from trainers.models import build_model
+    from inference.models import build_model
 
     cfg = _cfg(shards, "train.compile=true", "schedule.epochs=1")
     assert run(cfg, run_dir=str(tmp_path / "c"))["global_step"] == 3
@@ -291,7 +291,7 @@ def test_sync_bn_converts_every_batchnorm_on_cuda_and_is_refused_with_a_warning_
     """The conversion itself (running SyncBatchNorm needs CUDA devices: DDP refuses it on CPU)."""
     from types import SimpleNamespace
 
-    from trainers.models import build_model
+    from inference.models import build_model
     from trainers.setup import sync_batchnorm
 
     cfg = load_config("retr_demo", ["model.backbone=test_resnet", "train.sync_bn=true"])

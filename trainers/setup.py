@@ -16,9 +16,9 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectCon
 
 from configs import ExperimentConfig, to_dict
 from inference.extract import input_dtype
+from inference.models import build_model
 from trainers import checkpoint as ckpt
 from trainers.losses import RetrievalLoss
-from trainers.models import build_model
 from trainers.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("trainers.retrieval")

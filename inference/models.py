@@ -1,7 +1,8 @@
 """The retrieval model: a timm (or IBN-Net) backbone, pooling, optional embedding, BNNeck and a classifier.
 
-``build_model(cfg.model, num_classes)`` is what the trainer, the evaluator and the distiller call.
-Pretrained weights come from a local file (official Swin, torchvision/timm ResNet, IBN-Net layouts).
+``build_model(cfg.model, num_classes)`` is what the trainer, the evaluation CLI and the distiller call;
+``load_model`` builds one from a weights file. Pretrained backbone weights come from a local file: timm
+loads its own models' files (official Swin, torchvision/timm ResNet layouts), IBN-Net files load here.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import difflib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import nn
 
-from configs import ModelConfig
-from trainers.heads import bnneck, build_head, build_pooling
-from trainers.ibn import IBN_DEPTHS, resnet_ibn_a
+from inference.aggregate import POOLINGS, GeM
+from inference.heads import bnneck, build_head
+from inference.ibn import IBN_DEPTHS, resnet_ibn_a
+
+if TYPE_CHECKING:  # the schema imports this module's registries: a runtime import would be a cycle
+    from configs import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ def check_backbone_name(name: str) -> None:
 
 
 def create_backbone(cfg: ModelConfig, img_size: tuple[int, int] | None = None) -> nn.Module:
-    """The backbone without classifier; ``num_features`` gives its output width."""
+    """The backbone without classifier, with ``cfg.pretrained_path``'s weights; ``num_features`` gives its width."""
     check_backbone_name(cfg.backbone)
     if cfg.backbone in IBN_DEPTHS:
         if cfg.pretrained:
@@ -51,23 +56,36 @@ def create_backbone(cfg: ModelConfig, img_size: tuple[int, int] | None = None) -
                 f"model.pretrained=true: there is no hub for {cfg.backbone}; download the IBN-Net weights "
                 "(e.g. resnet50_ibn_a-d9d0bb7b.pth) and set model.pretrained_path=/path/to/file instead"
             )
-        return resnet_ibn_a(cfg.backbone, last_stride=cfg.last_stride)
+        backbone = resnet_ibn_a(cfg.backbone, last_stride=cfg.last_stride)
+        if cfg.pretrained_path:
+            load_pretrained(backbone, cfg.pretrained_path)
+        return backbone
     kwargs: dict = {"num_classes": 0}
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
-    backbone = _timm_create(cfg, kwargs, img_size)
+    state = read_state_dict(cfg.pretrained_path) if cfg.pretrained_path else None
+    if state is not None and not is_retrieval_weights(state):
+        backbone = _timm_from_file(cfg.backbone, cfg.pretrained_path, state, img_size, kwargs)
+    else:
+        backbone = _timm_from_hub(cfg, img_size, kwargs)
+        if state is not None:  # our own retrieval weights: timm cannot read them, the backbone part loads here
+            load_pretrained(backbone, cfg.pretrained_path)
     set_last_stride(backbone, cfg.last_stride, cfg.backbone)
     return backbone
 
 
-def _timm_create(cfg: ModelConfig, kwargs: dict, img_size: tuple[int, int] | None) -> nn.Module:
+def _timm_create(name: str, img_size: tuple[int, int] | None, **kwargs) -> nn.Module:
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:  # CNNs take any input size and have no img_size argument
+            pass
+    return timm.create_model(name, **kwargs)
+
+
+def _timm_from_hub(cfg: ModelConfig, img_size: tuple[int, int] | None, kwargs: dict) -> nn.Module:
     try:
-        if img_size is not None:
-            try:
-                return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, img_size=img_size, **kwargs)
-            except TypeError:  # CNNs take any input size and have no img_size argument
-                pass
-        return timm.create_model(cfg.backbone, pretrained=cfg.pretrained, **kwargs)
+        return _timm_create(cfg.backbone, img_size, pretrained=cfg.pretrained, **kwargs)
     except (OSError, RuntimeError) as exc:
         if not cfg.pretrained:
             raise
@@ -76,6 +94,24 @@ def _timm_create(cfg: ModelConfig, kwargs: dict, img_size: tuple[int, int] | Non
             "Without network access, put the weights file on disk and set model.pretrained=false "
             "model.pretrained_path=/path/to/weights (official Swin .pth, torchvision/timm ResNet, IBN-Net)"
         ) from exc
+
+
+def _timm_from_file(name: str, path: str, state: dict, img_size: tuple[int, int] | None, kwargs: dict) -> nn.Module:
+    """timm loads the file itself (its layout conversions, classifier removal); then we check that it fitted.
+
+    timm loads without strictness once it drops the classifier, so a file of another model would leave a
+    random backbone without a word: ``check_fit`` refuses that.
+    """
+    overlay = {"file": str(path)}
+    try:
+        backbone = _timm_create(name, img_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError:  # shape mismatches: name them the way check_fit does
+        plain = _timm_create(name, img_size, **kwargs)
+        check_fit(plain, backbone_state(plain, state), path)
+        raise
+    matched = check_fit(backbone, backbone_state(backbone, state), path)
+    log.info("pretrained %s: %d tensors loaded through timm", path, len(matched))
+    return backbone
 
 
 def set_last_stride(backbone: nn.Module, stride: int, name: str = "") -> None:
@@ -93,7 +129,10 @@ def set_last_stride(backbone: nn.Module, stride: int, name: str = "") -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, unwrapped from ``model`` / ``state_dict`` and stripped of ``module.``."""
+    """Tensors of a weights file, unwrapped from ``model`` / ``state_dict`` and stripped of ``module.``.
+
+    Memory-mapped where the file allows it: checking a large file's names and shapes reads little of it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained_path={str(path)!r} does not exist")
@@ -102,7 +141,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         obj = load_file(str(path))
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -115,39 +157,61 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pretrained(backbone: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load backbone weights from a file; return (missing, unexpected) keys after dropping the classifier."""
-    state = read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):  # our own retrieval weights: keep the backbone part
+def is_retrieval_weights(state: dict) -> bool:
+    """Weights of a whole retrieval model (ours: ``backbone.*``, ``head.*``), not of a bare backbone."""
+    return any(k.startswith("backbone.") for k in state)
+
+
+def backbone_state(backbone: nn.Module, state: dict) -> dict:
+    """``state`` in the backbone's own layout: the backbone part of our retrieval weights, timm's layout
+    conversion for its model (e.g. official Swin files, relative-position tables resized), no classifier."""
+    if is_retrieval_weights(state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     module = sys.modules.get(type(backbone).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None and module.__name__.startswith("timm."):
-        state = filter_fn(state, backbone)  # e.g. Swin: old layout, buffers, rel-pos table resize
+        state = filter_fn(state, backbone)
     own = backbone.state_dict()
-    dropped = [k for k in state if k.startswith(CLASSIFIER_PREFIXES) and k not in own]
-    state = {k: v for k, v in state.items() if k not in dropped}
-    bad_shape = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    matched = [k for k in state if k in own and state[k].shape == own[k].shape]
+    return {k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
+
+
+def check_fit(backbone: nn.Module, state: dict, path: str | Path) -> list[str]:
+    """Names of the backbone tensors that ``state`` (its own layout) holds; ValueError for another model's."""
+    own = backbone.state_dict()
+    matched, bad_shape = [], []
+    for key in (k for k in state if k in own):
+        if state[key].shape == own[key].shape:
+            matched.append(key)
+        else:
+            bad_shape.append(f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}")
     if bad_shape or len(matched) < 0.9 * len(own):  # a few missing keys are reported, many are an error
         raise ValueError(
             f"{path} does not hold weights for this backbone ({type(backbone).__name__}): {len(matched)} of "
             f"{len(own)} tensors match; shape mismatches: {bad_shape[:5]}; "
             f"unknown keys e.g. {[k for k in state if k not in own][:5]}"
         )
+    return matched
+
+
+def load_pretrained(backbone: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load backbone weights from a file (IBN-Net layout, our retrieval weights, or a timm model's file);
+    return the (missing, unexpected) keys after dropping the classifier."""
+    state = backbone_state(backbone, read_state_dict(path))
+    matched = check_fit(backbone, state, path)
     result = backbone.load_state_dict(state, strict=False)
-    if dropped:
-        log.info("pretrained %s: dropped classifier tensors %s", path, dropped)
     if result.missing_keys:
         log.warning("pretrained %s: %d missing keys: %s", path, len(result.missing_keys), result.missing_keys)
     if result.unexpected_keys:
         log.warning("pretrained %s: %d unexpected keys: %s", path, len(result.unexpected_keys), result.unexpected_keys)
     log.info("pretrained %s: loaded %d tensors", path, len(matched))
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def build_pooling(name: str, gem_p: float = 3.0) -> nn.Module:
+    """Global pooling by name (a key of ``inference.aggregate.POOLINGS``); GeM's exponent is learnt."""
+    if name not in POOLINGS:
+        raise ValueError(f"model.pooling={name!r} is not valid; choose one of {sorted(POOLINGS)}")
+    return GeM(gem_p, learnable=True) if name == "gem" else POOLINGS[name]()
 
 
 class RetrievalModel(nn.Module):
@@ -191,7 +255,24 @@ def build_model(cfg: ModelConfig, num_classes: int, img_size: tuple[int, int] | 
     """Build the retrieval model for ``num_classes`` training identities (weights from cfg.pretrained_path)."""
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes} must be >= 1 (the training split has no identities)")
-    backbone = create_backbone(cfg, img_size)
-    if cfg.pretrained_path:
-        load_pretrained(backbone, cfg.pretrained_path)
-    return RetrievalModel(backbone, cfg, num_classes)
+    return RetrievalModel(create_backbone(cfg, img_size), cfg, num_classes)
+
+
+def load_model(cfg: ModelConfig, checkpoint: str | Path, img_size: tuple[int, int] | None = None) -> RetrievalModel:
+    """The model of ``cfg`` with the weights of a retrieval state_dict file (weights_only; e.g. ``mAPxx.pth``);
+    the number of classes comes from the file. Returned in eval mode on the CPU."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    head = state.get("head.weight") if isinstance(state, dict) else None
+    if head is None:
+        raise ValueError(f"checkpoint {path} is not a retrieval model state_dict (no 'head.weight')")
+    model = build_model(cfg, num_classes=int(head.shape[0]), img_size=img_size)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit model.backbone={cfg.backbone!r}: {err}") from None
+    return model.eval()

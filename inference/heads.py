@@ -1,4 +1,4 @@
-"""Neck and head pieces of the retrieval model: pooling choice, BNNeck, linear and margin classifiers."""
+"""Neck and head pieces of the retrieval model: BNNeck, linear and margin classifiers (``HEADS``)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from inference.aggregate import GAP, GeM
-
-
-def build_pooling(name: str, gem_p: float = 3.0) -> nn.Module:
-    """``avg`` or ``gem``."""
-    if name == "avg":
-        return GAP()
-    if name == "gem":
-        return GeM(gem_p, learnable=True)
-    raise ValueError(f"model.pooling={name!r} is not valid; choose one of ['avg', 'gem']")
 
 
 def bnneck(dim: int) -> nn.BatchNorm1d:
@@ -32,8 +21,8 @@ def bnneck(dim: int) -> nn.BatchNorm1d:
 class LinearHead(nn.Module):
     """Plain bias-free linear classifier (std 0.001 init, as in the strong baseline)."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
+    def __init__(self, dim: int, num_classes: int, scale: float = 0.0, margin: float = 0.0) -> None:
+        super().__init__()  # scale and margin belong to the margin heads: a linear head has neither
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.normal_(self.weight, std=0.001)
 
@@ -71,13 +60,26 @@ class MarginHead(nn.Module):
         return self.scale * torch.where(onehot, target, cos)
 
 
-HEADS = ("linear", "amsoftmax", "arcface")
+class AMSoftmaxHead(MarginHead):
+    """CosFace / AM-Softmax: ``s * (cos - m)`` on the target class."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.35) -> None:
+        super().__init__(dim, num_classes, "amsoftmax", scale, margin)
+
+
+class ArcFaceHead(MarginHead):
+    """ArcFace: ``s * cos(theta + m)`` on the target class."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.35) -> None:
+        super().__init__(dim, num_classes, "arcface", scale, margin)
+
+
+# model.head picks one of these by name (the config schema validates against this dict)
+HEADS: dict[str, type[nn.Module]] = {"linear": LinearHead, "amsoftmax": AMSoftmaxHead, "arcface": ArcFaceHead}
 
 
 def build_head(name: str, dim: int, num_classes: int, scale: float, margin: float) -> nn.Module:
-    """Classifier by name: one of HEADS."""
-    if name == "linear":
-        return LinearHead(dim, num_classes)
-    if name in ("amsoftmax", "arcface"):
-        return MarginHead(dim, num_classes, name, scale, margin)
-    raise ValueError(f"model.head={name!r} is not valid; choose one of {list(HEADS)}")
+    """Classifier by name: one of ``HEADS``."""
+    if name not in HEADS:
+        raise ValueError(f"model.head={name!r} is not valid; choose one of {sorted(HEADS)}")
+    return HEADS[name](dim, num_classes, scale, margin)
