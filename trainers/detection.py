@@ -29,6 +29,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import CheckpointLoader, Runner  # noqa: E402
 
+from trainers.checkpoint import save_best  # noqa: E402
 from trainers.detection_data import DetrCocoDataset, category_names  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ def _export_best(runner: Runner, run_dir: Path) -> Path | None:
     if not best or score is None or not Path(best).is_file():
         return None
     state = _load_local_checkpoint(best, map_location="cpu")
-    out = run_dir / f"mAP{100 * float(score):.1f}.pth"
-    torch.save({"state_dict": state["state_dict"], "meta": {"best_score": float(score), "source": best}}, out)
+    weights = {"state_dict": state["state_dict"], "meta": {"best_score": float(score), "source": best}}
+    out = save_best(weights, run_dir, float(score))  # atomic; a full disk says so with the bytes needed
     log.info("best weights (bbox mAP %.3f) -> %s", score, out)
     return out
 
