@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -29,6 +31,33 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
     rgb = load(tmp_path / "g16.png")
     assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
     assert (rgb[1:, 1:] == 128).all() and (rgb[0, 0] == 255).all()
+
+
+def write_png16(path, values: np.ndarray, color_type: int) -> None:
+    """A 16-bit-per-channel PNG written by hand (Pillow cannot write 16-bit colour): 2 = RGB, 4 = grey + alpha."""
+    height, width = values.shape[:2]
+    raw = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_16bit_colour_and_grey_alpha_pngs_are_scaled(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 128 * 257, 65535, 1000
+    write_png16(tmp_path / "rgb48.png", rgb, 2)
+    assert (load(tmp_path / "rgb48.png") == (128, 255, 3)).all()
+    grey_alpha = np.zeros((4, 4, 2), np.uint16)
+    grey_alpha[..., 0], grey_alpha[..., 1] = 64 * 257, 65535
+    grey_alpha[0, :, 1] = 0  # transparent first row
+    write_png16(tmp_path / "la32.png", grey_alpha, 4)
+    out = load(tmp_path / "la32.png")
+    assert (out[1:] == 64).all() and (out[0] == ALPHA_BACKGROUND).all()
 
 
 def test_rgba_is_composited_on_the_documented_background(tmp_path):
