@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -251,17 +252,18 @@ def prepare_from_config(
 
     d = cfg.data
     guard = Guard({"reader": d.reader, "root": os.path.abspath(d.root)}, replace, wait_s)
-    check_source(d.shards, complete_manifest(Path(d.shards)), guard.source, replace)  # before the slow part
-    reader_skipped: dict[str, list[str]] = {}
-    records = read_records(d, reader_skipped)
-    wanted = list(splits) or [d.train_split, d.query_split, d.gallery_split]
-    unknown = [s for s in wanted if s not in records]
-    if unknown:
-        raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
-    chosen = {s: records[s] for s in dict.fromkeys(wanted)}
-    if show is not None:
-        show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
-    return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress, reader_skipped, guard)
+    with writer_lock(d.shards, wait_s):  # held from before the slow reading until the manifest is verified
+        check_source(d.shards, complete_manifest(Path(d.shards)), guard.source, replace)
+        reader_skipped: dict[str, list[str]] = {}
+        records = read_records(d, reader_skipped)
+        wanted = list(splits) or [d.train_split, d.query_split, d.gallery_split]
+        unknown = [s for s in wanted if s not in records]
+        if unknown:
+            raise ValueError(f"splits {unknown} are not produced by reader {d.reader!r} (it gives {sorted(records)})")
+        chosen = {s: records[s] for s in dict.fromkeys(wanted)}
+        if show is not None:
+            show(stats_table(chosen, title=f"{d.reader} {d.root} (splits to write)"))
+        return prepare_shards(chosen, d.shards, d.prepare, d.root, d.gallery_split, progress, reader_skipped, guard)
 
 
 SAMPLE_WAIT_S = 600.0
@@ -303,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metavar="SECONDS",
         help="wait this long for another process writing data.shards (default: fail at once)",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides)
@@ -312,5 +315,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return manifest
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``main`` for the command line: a user error is one line on stderr and exit code 2 (``--debug``: raised)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except (ValueError, OSError, ShardsBusy) as exc:
+        if "--debug" in argv:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -61,6 +61,10 @@ def test_a_second_writer_and_a_trainer_are_refused_while_a_prepare_runs(tmp_path
         with pytest.raises(ShardsBusy, match=r"waited 1 s\. Wait for it to finish"):
             prepare_shards(recs, out, prep, progress=False, guard=Guard(wait_s=1.0))
         assert time.monotonic() - start >= 1.0
+        cli = [sys.executable, "-m", "datasets.prepare", "--config", "retr_demo", f"data.shards={out}"]
+        done = subprocess.run(cli, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert f"error: shards folder {out} is being written by pid {child.pid}" in done.stderr
         cfg = load_config("reid_demo", ["data.reader=folders", f"data.shards={out}"])
         with pytest.raises(ShardsBusy, match=rf"still being written by pid {child.pid}"):
             prepare_mod.ensure_shards(cfg)  # what the trainer calls first
