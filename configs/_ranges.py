@@ -6,7 +6,7 @@ A value out of its range, ``nan``/``inf``, or an integer beyond int64 is a ``Val
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_ranges(section) -> None:
-    """Reject non-finite, int64-overflowing and out-of-range numbers of one section, naming the dotted key."""
-    prefix = SECTION_KEYS.get(type(section).__name__, "")
+def check_ranges(section, prefix: str | None = None) -> None:
+    """Reject non-finite, int64-overflowing and out-of-range numbers of one section, naming the dotted key.
+
+    ``prefix`` is the section's dotted path (default: its place in the tree from ``SECTION_KEYS``).
+    """
+    prefix = SECTION_KEYS.get(type(section).__name__, "") if prefix is None else prefix
     for f in fields(section):
         value = getattr(section, f.name)
         items = value if isinstance(value, (tuple, list)) else (value,)
@@ -141,3 +144,12 @@ def check_ranges(section) -> None:
             allowed = RANGES.get(key)
             if allowed is not None and not allowed.contains(item):
                 raise ValueError(f"{key}={value!r} must be {allowed}")
+
+
+def check_tree(node, prefix: str = "") -> None:
+    """``check_ranges`` on every section of a config tree, by its real dotted path (new sections included)."""
+    check_ranges(node, prefix)
+    for f in fields(node):
+        child = getattr(node, f.name)
+        if is_dataclass(child):
+            check_tree(child, f"{prefix}.{f.name}" if prefix else f.name)

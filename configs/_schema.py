@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs._ranges import check_ranges
+from configs._ranges import check_ranges, check_tree
 from datasets.readers import READERS
 from inference.aggregate import POOLINGS
 from inference.heads import HEADS
@@ -361,3 +361,4 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _choice("trainer", self.trainer, ("retrieval", "distill", "detection"))
+        check_tree(self)  # every numeric field of every section, by its dotted key (configs/_ranges.py)

@@ -108,3 +108,21 @@ def test_sections_built_directly_are_range_checked():
         PrepareConfig(padding=float("nan"))
     with pytest.raises(ValueError, match=r"optim.weight_decay=2.0 must be in \[0, 1\]"):
         OptimConfig(weight_decay=2.0)
+
+
+def test_a_section_added_to_the_tree_is_range_checked_by_its_dotted_key():
+    import dataclasses
+
+    from configs._ranges import check_tree
+
+    @dataclasses.dataclass
+    class Extra:
+        alpha: float = 0.5
+
+    @dataclasses.dataclass
+    class Tree:
+        extra: Extra = dataclasses.field(default_factory=Extra)
+
+    check_tree(Tree())
+    with pytest.raises(ValueError, match=r"extra.alpha=nan must be a finite number"):
+        check_tree(Tree(Extra(float("nan"))))
