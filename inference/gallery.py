@@ -177,7 +177,7 @@ def library_records(args, retriever: Retriever) -> list[Record]:
     if args.images:
         if args.sku is None or len(args.sku) != 1:
             raise ValueError("--images DIR needs exactly one --sku ID (the SKU these whole images show)")
-        from datasets.readers import list_images
+        from datasets.records import list_images
 
         folder = Path(args.images)
         if not folder.is_dir():

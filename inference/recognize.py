@@ -31,8 +31,6 @@ from inference.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-
 
 @dataclass
 class Detections:
@@ -81,12 +79,13 @@ def read_queries(source: str | Path, image_root: str | Path | None = None, split
     """Query images of a folder (ids 1..N by sorted name) or a COCO file (its ids and boxes; ``split`` 'test'
     or 'train' keeps the retail reader's held-out or training scenes). Returns (images, COCO dict or None)."""
     from datasets.coco import index_by_id, is_held_out, load_json
+    from datasets.records import list_images
 
     src = Path(source)
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = list_images(src)
         if not files:
-            raise ValueError(f"--images {src}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"--images {src}: no image files")
         return [QueryImage(i + 1, p) for i, p in enumerate(files)], None
     coco = load_json(src)
     root = (

@@ -141,7 +141,7 @@ class OnnxRetriever(Retriever):
 
 def embedding_dim(cfg: ExperimentConfig) -> int:
     """The embedding size that cfg.model produces (built on the meta device: no memory, no weights)."""
-    from trainers.models import build_model
+    from inference.models import build_model
 
     with torch.device("meta"):
         return int(build_model(cfg.model, 1, img_size=(cfg.data.height, cfg.data.width)).dim)
@@ -149,13 +149,13 @@ def embedding_dim(cfg: ExperimentConfig) -> int:
 
 def load_torch_retriever(checkpoint: str | Path, cfg: ExperimentConfig | None = None, device="cpu", **kw):
     """A checkpoint with its config (``cfg`` or the run's ``config.json``)."""
-    from inference.evaluate import load_model
+    from inference.models import load_model
 
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"retriever checkpoint {path} does not exist")
     cfg = cfg or read_run_config(path)
-    model = load_model(cfg, str(path), device)
+    model = load_model(cfg.model, path, img_size=(cfg.data.height, cfg.data.width))
     dim = int(model.dim)
     fp = Fingerprint(file_sha256(path), spec_sha256(model_spec(cfg)), dim)
     return TorchRetriever(model, cfg, fp, device, **kw)

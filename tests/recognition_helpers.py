@@ -12,7 +12,7 @@ from configs import load_config, save_config
 def make_retriever_run(folder: Path, sample_root: Path, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
     """A retrieval "run directory" like the trainer's: best weights ``mAP1.0.pth`` + ``config.json``
     (retr_demo with timm's tiny ``test_resnet`` backbone, random weights)."""
-    from trainers.models import build_model
+    from inference.models import build_model
 
     cfg = load_config("retr_demo", ["model.backbone=test_resnet", f"data.root={sample_root}", *overrides])
     torch.manual_seed(seed)

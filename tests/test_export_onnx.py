@@ -23,7 +23,7 @@ BOUNDS = {"resnet": 1e-4, "resnet_ibn_a": 1e-4, "swin": 1e-4}
 
 
 def tiny_backbone(family: str) -> torch.nn.Module:
-    from trainers.ibn import ResNetIBN
+    from inference.ibn import ResNetIBN
 
     if family == "resnet":
         return timm.create_model("test_resnet", num_classes=0)
@@ -35,7 +35,7 @@ def tiny_backbone(family: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family", sorted(BOUNDS))
 def test_parity_through_onnxruntime_with_a_dynamic_batch(family):
-    from trainers.models import RetrievalModel
+    from inference.models import RetrievalModel
 
     torch.manual_seed(0)
     model = RetrievalModel(tiny_backbone(family), ModelConfig(), num_classes=5).eval()
@@ -82,7 +82,7 @@ def test_export_errors_are_reported_without_traceback(tmp_path, caplog):
 
 
 def test_foreign_onnx_is_checked_against_the_config_shapes(tmp_path):
-    from trainers.models import build_model
+    from inference.models import build_model
 
     cfg_args = ["model.backbone=test_resnet"]
     from configs import load_config
