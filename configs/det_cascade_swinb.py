@@ -1,22 +1,15 @@
-# det_cascade_swinb: the seed's detector, Cascade R-CNN + Swin-B + FPN (mmengine config, written in full).
+# det_cascade_swinb: the seed's detector, Cascade R-CNN + Swin-B + FPN (mmengine config).
 #
-# Trains on the retail COCO layout (data_root/query.json scenes + data_root/gallery.json library images, images
-# under data_root/images/), as the seed trains its detector on both; evaluates bbox mAP / AP50 on the held-out
-# query scenes. trainers/detection.py copies the top-level `data_root` and `class_agnostic` into every dataset
-# and sets every head's `num_classes` from the data. Mixed precision: `python trainers/detection.py --config
+# Trains on the retail COCO layout of _det_base.py (query scenes + library images, as the seed trains its detector
+# on both) and evaluates bbox mAP / AP50 on the held-out query scenes. Mixed precision: `python trainers/detection.py --config
 # det_cascade_swinb --amp`. COCO-pretrained weights come from the local file `load_from`; to start from the
 # seed's ImageNet-22k Swin-B instead, set load_from=None and
 # model.backbone.init_cfg="dict(type='Pretrained',checkpoint='weights/swin_base_patch4_window7_224_22k.pth')".
 # Consumed by mmengine's Runner.from_cfg unchanged.
 
-default_scope = "mmdet"
-custom_imports = dict(imports=["trainers.detection_data"], allow_failed_imports=False)
+_base_ = ["./_det_base.py"]
 
-data_root = "data/retail/"
-class_agnostic = True  # one "object" class (retrieval assigns the product); False = one class per category
-num_classes = 1  # replaced from the annotation files by trainers/detection.py
 img_scale = (1333, 800)
-backend_args = None
 
 # ---------------------------------------------------------------- model
 model = dict(
@@ -72,7 +65,7 @@ model = dict(
                 in_channels=256,
                 fc_out_channels=1024,
                 roi_feat_size=7,
-                num_classes=num_classes,
+                num_classes={{_base_.num_classes}},
                 bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=stds),
                 reg_class_agnostic=True,
                 loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
@@ -123,7 +116,7 @@ model = dict(
 # ---------------------------------------------------------------- data
 multi_scales = [(short, 1333) for short in range(480, 801, 32)]
 train_pipeline = [
-    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="LoadImageFromFile", backend_args={{_base_.backend_args}}),
     dict(type="LoadAnnotations", with_bbox=True),
     dict(type="RandomFlip", prob=0.5),
     # multi-scale resize, or resize -> random crop -> multi-scale resize (the Swin detection recipe)
@@ -141,14 +134,10 @@ train_pipeline = [
     dict(type="PackDetInputs"),
 ]
 test_pipeline = [
-    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="LoadImageFromFile", backend_args={{_base_.backend_args}}),
     dict(type="Resize", scale=img_scale, keep_ratio=True),
     dict(type="LoadAnnotations", with_bbox=True),
-    # "instances" carries the ground truth to CocoMetric (ann_file=None builds the COCO ground truth from it)
-    dict(
-        type="PackDetInputs",
-        meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "instances"),
-    ),
+    {{_base_.pack_eval_inputs}},
 ]
 train_dataloader = dict(
     batch_size=2,
@@ -161,56 +150,35 @@ train_dataloader = dict(
         datasets=[
             dict(
                 type="DetrCocoDataset",
-                data_root=data_root,
+                data_root={{_base_.data_root}},
                 ann_file="query.json",
                 data_prefix=dict(img="images/"),
                 split="train",
-                class_agnostic=class_agnostic,
+                class_agnostic={{_base_.class_agnostic}},
                 filter_cfg=dict(filter_empty_gt=True, min_size=32),
                 pipeline=train_pipeline,
-                backend_args=backend_args,
+                backend_args={{_base_.backend_args}},
             ),
             dict(
                 type="DetrCocoDataset",
-                data_root=data_root,
+                data_root={{_base_.data_root}},
                 ann_file="gallery.json",
                 data_prefix=dict(img="images/"),
                 split=None,
-                class_agnostic=class_agnostic,
+                class_agnostic={{_base_.class_agnostic}},
                 filter_cfg=dict(filter_empty_gt=True, min_size=32),
                 pipeline=train_pipeline,
-                backend_args=backend_args,
+                backend_args={{_base_.backend_args}},
             ),
         ],
     ),
 )
-val_dataloader = dict(
-    batch_size=1,
-    num_workers=2,
-    persistent_workers=True,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="DetrCocoDataset",
-        data_root=data_root,
-        ann_file="query.json",
-        data_prefix=dict(img="images/"),
-        split="test",
-        class_agnostic=class_agnostic,
-        test_mode=True,
-        pipeline=test_pipeline,
-        backend_args=backend_args,
-    ),
-)
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type="CocoMetric", ann_file=None, metric="bbox", format_only=False, backend_args=backend_args)
-test_evaluator = val_evaluator
 
 # ---------------------------------------------------------------- schedule
 max_epochs = 36
 train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=max_epochs, val_interval=1)
-val_cfg = dict(type="ValLoop")
-test_cfg = dict(type="TestLoop")
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end=1000),
     dict(type="MultiStepLR", begin=0, end=max_epochs, by_epoch=True, milestones=[27, 33], gamma=0.1),
@@ -230,21 +198,4 @@ optim_wrapper = dict(
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 # ---------------------------------------------------------------- runtime
-default_hooks = dict(
-    timer=dict(type="IterTimerHook"),
-    logger=dict(type="LoggerHook", interval=50),
-    param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=3, save_best="coco/bbox_mAP", rule="greater"),
-    sampler_seed=dict(type="DistSamplerSeedHook"),
-    visualization=dict(type="DetVisualizationHook"),
-)
-env_cfg = dict(
-    cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0), dist_cfg=dict(backend="nccl")
-)
-vis_backends = [dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]
-visualizer = dict(type="DetLocalVisualizer", vis_backends=vis_backends, name="visualizer")
-log_processor = dict(type="LogProcessor", window_size=50, by_epoch=True)
-log_level = "INFO"
 load_from = "weights/cascade-rcnn_swin-b_fpn_coco.pth"  # COCO-pretrained detector (local file; no downloads)
-resume = False
-randomness = dict(seed=0)

@@ -1,18 +1,11 @@
-# det_yolox_s: a light one-stage detector, YOLOX-S (the ReID seed's planned detector); mmengine config in full.
+# det_yolox_s: a light one-stage detector, YOLOX-S (the ReID seed's planned detector); mmengine config.
 #
-# Same data contract as det_cascade_swinb (data_root/query.json scenes + data_root/gallery.json library images,
-# images under data_root/images/); trainers/detection.py copies `data_root` / `class_agnostic` into every
-# dataset and sets the head's `num_classes` from the data. YOLOX needs only nms among mmcv's compiled ops.
-# Consumed by mmengine's Runner.from_cfg unchanged.
+# The data contract of _det_base.py (query scenes + library images for training, held-out scenes for bbox mAP).
+# YOLOX needs only nms among mmcv's compiled ops. Consumed by mmengine's Runner.from_cfg unchanged.
 
-default_scope = "mmdet"
-custom_imports = dict(imports=["trainers.detection_data"], allow_failed_imports=False)
+_base_ = ["./_det_base.py"]
 
-data_root = "data/retail/"
-class_agnostic = True  # one "object" class (retrieval assigns the product / identity); False = per category
-num_classes = 1  # replaced from the annotation files by trainers/detection.py
 img_scale = (640, 640)  # width, height
-backend_args = None
 bn = dict(type="BN", momentum=0.03, eps=0.001)
 
 # ---------------------------------------------------------------- model
@@ -45,7 +38,7 @@ model = dict(
     ),
     bbox_head=dict(
         type="YOLOXHead",
-        num_classes=num_classes,
+        num_classes={{_base_.num_classes}},
         in_channels=128,
         feat_channels=128,
         stacked_convs=2,
@@ -64,7 +57,7 @@ model = dict(
 
 # ---------------------------------------------------------------- data
 load_pipeline = [
-    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="LoadImageFromFile", backend_args={{_base_.backend_args}}),
     dict(type="LoadAnnotations", with_bbox=True),
 ]
 train_pipeline = [
@@ -80,12 +73,11 @@ train_pipeline = [
     dict(type="PackDetInputs"),
 ]
 test_pipeline = [
-    dict(type="LoadImageFromFile", backend_args=backend_args),
+    dict(type="LoadImageFromFile", backend_args={{_base_.backend_args}}),
     dict(type="Resize", scale=img_scale, keep_ratio=True),
     dict(type="Pad", pad_to_square=True, pad_val=dict(img=(114.0, 114.0, 114.0))),
     dict(type="LoadAnnotations", with_bbox=True),
-    # "instances" carries the ground truth to CocoMetric (ann_file=None builds the COCO ground truth from it)
-    dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor", "instances")),
+    {{_base_.pack_eval_inputs}},
 ]
 train_dataloader = dict(
     batch_size=8,
@@ -99,14 +91,14 @@ train_dataloader = dict(
             datasets=[
                 dict(
                     type="DetrCocoDataset",
-                    data_root=data_root,
+                    data_root={{_base_.data_root}},
                     ann_file=ann_file,
                     data_prefix=dict(img="images/"),
                     split=split,
-                    class_agnostic=class_agnostic,
+                    class_agnostic={{_base_.class_agnostic}},
                     filter_cfg=dict(filter_empty_gt=False, min_size=32),
                     pipeline=load_pipeline,
-                    backend_args=backend_args,
+                    backend_args={{_base_.backend_args}},
                 )
                 for ann_file, split in (("query.json", "train"), ("gallery.json", None))
             ],
@@ -114,27 +106,8 @@ train_dataloader = dict(
         pipeline=train_pipeline,
     ),
 )
-val_dataloader = dict(
-    batch_size=8,
-    num_workers=4,
-    persistent_workers=True,
-    drop_last=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="DetrCocoDataset",
-        data_root=data_root,
-        ann_file="query.json",
-        data_prefix=dict(img="images/"),
-        split="test",
-        class_agnostic=class_agnostic,
-        test_mode=True,
-        pipeline=test_pipeline,
-        backend_args=backend_args,
-    ),
-)
+val_dataloader = dict(batch_size=8, num_workers=4, dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(type="CocoMetric", ann_file=None, metric="bbox", format_only=False, backend_args=backend_args)
-test_evaluator = val_evaluator
 
 # ---------------------------------------------------------------- schedule
 max_epochs = 300
@@ -142,8 +115,6 @@ num_last_epochs = 15
 interval = 10
 base_lr = 0.01
 train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=max_epochs, val_interval=interval)
-val_cfg = dict(type="ValLoop")
-test_cfg = dict(type="TestLoop")
 optim_wrapper = dict(
     type="OptimWrapper",
     optimizer=dict(type="SGD", lr=base_lr, momentum=0.9, weight_decay=5e-4, nesterov=True),
@@ -166,28 +137,9 @@ param_scheduler = [
 auto_scale_lr = dict(enable=False, base_batch_size=64)
 
 # ---------------------------------------------------------------- runtime
-default_hooks = dict(
-    timer=dict(type="IterTimerHook"),
-    logger=dict(type="LoggerHook", interval=50),
-    param_scheduler=dict(type="ParamSchedulerHook"),
-    checkpoint=dict(
-        type="CheckpointHook", interval=interval, max_keep_ckpts=3, save_best="coco/bbox_mAP", rule="greater"
-    ),
-    sampler_seed=dict(type="DistSamplerSeedHook"),
-    visualization=dict(type="DetVisualizationHook"),
-)
+default_hooks = dict(checkpoint=dict(interval=interval))
 custom_hooks = [
     dict(type="YOLOXModeSwitchHook", num_last_epochs=num_last_epochs, priority=48),
     dict(type="SyncNormHook", priority=48),
     dict(type="EMAHook", ema_type="ExpMomentumEMA", momentum=0.0001, update_buffers=True, priority=49),
 ]
-env_cfg = dict(
-    cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0), dist_cfg=dict(backend="nccl")
-)
-vis_backends = [dict(type="LocalVisBackend"), dict(type="TensorboardVisBackend")]
-visualizer = dict(type="DetLocalVisualizer", vis_backends=vis_backends, name="visualizer")
-log_processor = dict(type="LogProcessor", window_size=50, by_epoch=True)
-log_level = "INFO"
-load_from = None
-resume = False
-randomness = dict(seed=0)

@@ -199,7 +199,6 @@ def test_deepspeed_config_files(name, tmp_path):
 
 def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):
     """The main job path: eval through inference.evaluate, mAP*.pth (weights only), TB scalars + rank list."""
-    pytest.importorskip("inference.evaluate", reason="inference.evaluate (engineer [C]) has not landed yet")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from inference.models import build_model
@@ -313,7 +312,6 @@ def test_settings_that_only_change_speed_do_not_block_a_resume():
     from configs import to_dict
 
     old = to_dict(load_config("retr_demo"))
-    old["data"]["shuffle_buffer"] = 1000  # a key states written by earlier versions still hold
     new = to_dict(load_config("retr_demo", ["data.cache_mb=64", "data.num_workers=4"]))
     assert ckpt.config_changes(old, new) == []
     assert ckpt.config_changes(old, to_dict(load_config("retr_demo", ["optim.lr=0.5"]))) == [

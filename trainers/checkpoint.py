@@ -29,7 +29,6 @@ RESUME_IGNORED = (
     "checkpoint.",
     "data.num_workers",
     "data.cache_mb",
-    "data.shuffle_buffer",  # an unused key that states written before it was removed still hold
     "data.eval_batch_size",
     "eval.",
 )
