@@ -30,7 +30,7 @@ def test_det_configs_are_mmengine_configs():
         assert config_kind(name) == "mmengine"
         # bases are local files (a package base, mmdet::..., would need pkg_resources)
         text = config_path(name).read_text()
-        assert "mmdet::" not in text and "_base_ = [\"./" in text, name
+        assert "mmdet::" not in text and '_base_ = ["./' in text, name
     shared = Config.fromfile(str(config_path("det_yolox_s")))
     assert shared.default_hooks["checkpoint"]["save_best"] == "coco/bbox_mAP" and shared.data_root == "data/retail/"
     demo = Config.fromfile(str(config_path("det_demo")))
