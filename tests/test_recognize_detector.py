@@ -58,3 +58,21 @@ def test_resumable_state_is_refused_with_a_hint(tmp_path, sample_root):
     torch.save({"state_dict": {}, "message_hub": argparse.Namespace(step=1)}, state)  # not weights-only
     with pytest.raises(ValueError, match="resumable training state.*mAPxx.x.pth"):
         det_recognize.load_detector("det_demo", str(state), cfg_options=[f"data_root={sample_root}/"])
+
+
+@pytest.mark.slow  # minutes on a loaded 2-core machine: a random detector's many boxes are all embedded
+def test_demo_reuses_checkpoints_builds_the_bank_and_prints_the_table(tmp_path, sample_root, capsys):
+    from tests.recognition_helpers import make_retriever_run
+    from trainers import recognize_demo
+
+    work = tmp_path / "demo"
+    (work / "det").mkdir(parents=True)
+    random_weights(work / "det" / "mAP0.0.pth", sample_root, agnostic=True)
+    make_retriever_run(work / "retr", sample_root)
+    args = ["--work-dir", str(work), "--data-root", str(sample_root), "--det-score", "0.6", "--pictures", "2",
+            "--no-progress"]  # fmt: skip
+    assert recognize_demo.main(args) == 0
+    out = capsys.readouterr().out
+    assert "| (a) | detector | one class |" in out and "| (d) | ground truth | retrieval |" in out
+    assert "images/s" in out and (work / "results.json").is_file() and (work / "bank" / "CURRENT").is_file()
+    assert len(list((work / "results_pictures").glob("*.png"))) == 2 and list((work / "tb").glob("events.*"))
