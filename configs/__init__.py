@@ -211,11 +211,15 @@ def from_dict(data: dict, cls=ExperimentConfig):
     return cls(**kwargs)
 
 
-def save_config(cfg, path: str | Path) -> Path:
-    """Write the resolved config as JSON (atomically) and return its path."""
+def save_config(cfg, path: str | Path, resolved: dict | None = None) -> Path:
+    """Write the resolved config as JSON (atomically) and return its path.
+
+    ``resolved``: values derived at run time (e.g. the scaled learning rate), under the key ``"resolved"``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
+    data = to_dict(cfg) if resolved is None else {**to_dict(cfg), "resolved": resolved}
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path

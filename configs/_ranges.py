@@ -83,6 +83,7 @@ RANGES: dict[str, Range] = {
     "optim.head_lr_mult": Range(0, 1e4, low_open=True),
     "optim.clip_grad": NON_NEGATIVE,
     "optim.grad_accum": Range(1, 4096),
+    "optim.reference_batch": NON_NEGATIVE,
     "schedule.epochs": COUNT,
     "schedule.iters_per_epoch": NON_NEGATIVE,
     "schedule.warmup_epochs": NON_NEGATIVE,

@@ -20,6 +20,7 @@ def _choice(key: str, value, allowed) -> None:
 
 
 SAMPLERS = ("pk", "balanced", "random")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -201,10 +202,20 @@ class OptimConfig:
     """max gradient norm (0 = off)"""
     grad_accum: int = 1
     """gradient accumulation steps"""
+    lr_scaling: str = "none"
+    """none, linear or sqrt: scale optim.lr by (global batch / optim.reference_batch) or its square root"""
+    reference_batch: int = 0
+    """the global batch (data.batch_size) optim.lr was tuned for; needed when optim.lr_scaling is not none"""
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        _choice("optim.lr_scaling", self.lr_scaling, LR_SCALINGS)
         check_ranges(self)
+        if self.lr_scaling != "none" and self.reference_batch == 0:
+            raise ValueError(
+                f"optim.lr_scaling={self.lr_scaling} scales optim.lr relative to optim.reference_batch: set it to "
+                "the global batch optim.lr was tuned for (e.g. optim.reference_batch=64)"
+            )
 
 
 @dataclass

@@ -40,6 +40,18 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return out
 
 
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """``optim.lr`` scaled from ``optim.reference_batch`` to ``global_batch`` (``optim.lr_scaling``).
+
+    linear: the rate grows with the batch (Goyal et al.); sqrt: with its square root (suits Adam). With the
+    global batch fixed, the rate is the same whatever the number of processes.
+    """
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    ratio = global_batch / cfg.reference_batch
+    return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD (momentum), Adam or AdamW over ``param_groups``."""
     groups = param_groups(model, cfg)

@@ -23,7 +23,15 @@ from accelerate.utils import broadcast_object_list, gather_object
 from configs import ExperimentConfig, load_config, save_config, to_dict
 from trainers import checkpoint as ckpt
 from trainers.monitor import log_line, manifest_table, setup_logging
-from trainers.setup import Parts, build_parts, check_data, hparams, make_accelerator, resolve_run_dir
+from trainers.setup import (
+    Parts,
+    build_parts,
+    check_data,
+    hparams,
+    make_accelerator,
+    resolve_run_dir,
+    resolved_optim,
+)
 
 log = logging.getLogger("trainers.retrieval")
 
@@ -350,13 +358,17 @@ def run(
     stream = None
     accelerator = make_accelerator(cfg, resolve_run_dir(cfg, run_dir))
     run_path = Path(broadcast_object_list([str(resolve_run_dir(cfg, run_dir))])[0])
+    resolved = resolved_optim(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
         run_path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_path / "config.json")
+        save_config(cfg, run_path / "config.json", resolved=resolved)
     accelerator.wait_for_everyone()
     setup_logging(run_path, accelerator.is_main_process)
     log.info("run dir %s; %d process(es) on %s, precision %s", run_path, accelerator.num_processes,
              accelerator.device, cfg.train.precision)  # fmt: skip
+    log.info("global batch %d, lr %.4g (optim.lr=%.4g, optim.lr_scaling=%s, optim.reference_batch=%d)",
+             resolved["global_batch"], resolved["lr"], cfg.optim.lr, cfg.optim.lr_scaling,
+             cfg.optim.reference_batch)  # fmt: skip
     if loader_fn is None:
         with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
             manifest = ensure_shards(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from inference.extract import input_dtype
 from inference.models import build_model
 from trainers import checkpoint as ckpt
 from trainers.losses import RetrievalLoss
-from trainers.optim import build_optimizer, build_scheduler
+from trainers.optim import build_optimizer, build_scheduler, scaled_lr
 
 log = logging.getLogger("trainers.retrieval")
 
@@ -130,7 +131,8 @@ def build_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: in
     model = sync_batchnorm(model, cfg, accelerator)
     raw_model = model
     criterion = RetrievalLoss(cfg.loss, num_classes, model.dim).to(accelerator.device)
-    optimizer = build_optimizer(model, cfg.optim)
+    lr = scaled_lr(cfg.optim, global_batch(cfg))
+    optimizer = build_optimizer(model, dataclasses.replace(cfg.optim, lr=lr))
     steps = cfg.schedule.iters_per_epoch or loader_len // cfg.optim.grad_accum
     if steps < 1:
         raise ValueError(f"an epoch has {loader_len} batches: fewer than optim.grad_accum={cfg.optim.grad_accum}")
@@ -149,6 +151,18 @@ def build_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: in
                 if buf is not None and buf.is_floating_point():
                     module._buffers[name] = buf.to(dtype)
     return Parts(model, raw_model, criterion, optimizer, center_opt, scheduler, steps, dtype)
+
+
+def global_batch(cfg: ExperimentConfig) -> int:
+    """Samples per optimizer step over all processes: ``data.batch_size``, whatever the number of processes."""
+    return cfg.data.batch_size
+
+
+def resolved_optim(cfg: ExperimentConfig, world_size: int) -> dict:
+    """The learning rate the run uses and what it follows from (logged, and kept in the run's config.json)."""
+    batch = global_batch(cfg)
+    return {"lr": scaled_lr(cfg.optim, batch), "global_batch": batch, "lr_scaling": cfg.optim.lr_scaling,
+            "reference_batch": cfg.optim.reference_batch, "world_size": world_size}  # fmt: skip
 
 
 def hparams(cfg: ExperimentConfig) -> dict:
