@@ -93,6 +93,7 @@ RANGES: dict[str, Range] = {
     "schedule.min_lr_ratio": Range(0, 1),
     "train.seed": NON_NEGATIVE,
     "train.log_every": COUNT,
+    "train.dist_timeout_s": Range(1, 86400),
     "eval.every": NON_NEGATIVE,
     "checkpoint.every_steps": COUNT,
     "checkpoint.keep_last": COUNT,
@@ -103,6 +104,7 @@ RANGES: dict[str, Range] = {
     "launch.mem_gb": NON_NEGATIVE,
     "launch.time_min": COUNT,
     "launch.signal_delay_s": NON_NEGATIVE,
+    "launch.requeue_on_failure": Range(0, 1000),
 }
 
 # Where each section sits in the tree, so that its own validation names the full dotted key.

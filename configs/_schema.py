@@ -264,6 +264,8 @@ class TrainConfig:
     """iterations between log lines"""
     deepspeed_config: str = ""
     """DeepSpeed JSON (configs/deepspeed/*.json); empty = plain DDP"""
+    dist_timeout_s: int = 600
+    """seconds a collective waits for the other processes before failing (a stopped or lost rank)"""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("no", "fp16", "bf16"))
@@ -335,6 +337,8 @@ class LaunchConfig:
     """extra #SBATCH lines, e.g. ("--exclusive",)"""
     signal_delay_s: int = 120
     """seconds before the time limit when SIGUSR2 is sent"""
+    requeue_on_failure: int = 0
+    """times a job that lost a rank or node is requeued to resume from its last state (SLURM)"""
 
     def __post_init__(self) -> None:
         _choice("launch.cluster", self.cluster, ("auto", "slurm", "local"))

@@ -10,12 +10,14 @@ import importlib
 import logging
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import submitit
 
 from configs import ExperimentConfig, save_config
+from launch import ranks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         cpus_per_task: int = 1,
         options: tuple[str, ...] = (),
         resume: str | None = None,
+        requeue_on_failure: int = 0,
     ) -> None:
         self.cfg = cfg
         self.config_name = config_name
@@ -49,6 +52,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.cpus_per_task = cpus_per_task
         self.options = tuple(options)
         self.resume = resume
+        self.requeue_on_failure = requeue_on_failure
 
     def __call__(self) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,10 +77,37 @@ class TrainJob(submitit.helpers.Checkpointable):
             _remove_literal_folder()
             if self.cfg is not None:
                 save_config(self.cfg, run_dir / "config.json")
-        if self.resume is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-            # SLURM requeued this job itself (preemption with PreemptMode=REQUEUE): continue from its state
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if self.resume is None and restart > 0:
+            # SLURM requeued this job (preemption with PreemptMode=REQUEUE, a node failure, or a failure requeue
+            # below): continue from its state
             self.resume = "auto"
-        return self._run_requeueing(run_dir, dist.rank, env.cluster)
+        beat = ranks.Heartbeat(run_dir, dist.rank, env.hostname, restart)
+        try:
+            return self._run_requeueing(run_dir, dist.rank, env.cluster)
+        except Exception as exc:
+            if dist.world_size > 1 and lost_peer(exc):
+                self._on_lost_rank(run_dir, str(env.job_id), beat.info, exc, env.cluster)
+            raise
+        finally:
+            beat.stop()
+
+    def _on_lost_rank(self, run_dir: Path, job_id: str, me: ranks.RankInfo, exc: Exception, cluster: str) -> None:
+        """A collective failed because a rank is gone: say which, then requeue or end (``requeue_on_failure``)."""
+        record, first = ranks.record_failure(run_dir, job_id, me.restart, me, f"{type(exc).__name__}: {exc}")
+        log.error("%s", ranks.failure_line(record))
+        if not first or cluster != "slurm":
+            return  # another survivor decides; the local executor cannot requeue
+        used = len(ranks.read_failures(run_dir))
+        if used <= self.requeue_on_failure:
+            log.error("requeueing job %s to resume from its last state (failure %d of launch.requeue_on_failure=%d)",
+                      job_id, used, self.requeue_on_failure)  # fmt: skip
+            subprocess.run(["scontrol", "requeue", job_id], check=False)
+        else:
+            # SLURM itself requeues a requeueable job whose node failed: that would exceed the budget
+            log.error("not requeued: launch.requeue_on_failure=%d requeue(s) used; the job ends",
+                      self.requeue_on_failure)  # fmt: skip
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], check=False)
 
     def _run_requeueing(self, run_dir: Path, rank: int, cluster: str) -> Any:
         """Run the trainer; when it stops on the preemption signal, let submitit checkpoint and requeue."""
@@ -99,6 +130,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             # SIGTERM is also what `scancel` sends, and a cancelled job must stay cancelled (a SLURM
             # preemption requeues the job itself; it then resumes through SLURM_RESTART_COUNT above).
             # The local executor cancels with SIGINT, so there a SIGTERM to the tasks is a preemption.
+            log.info("rank %d: the trainer stopped with exit code %s", rank, exc.code)
             codes = {128 + sig} if cluster == "slurm" else {128 + sig, 128 + signal.SIGTERM}
             if exc.code in codes and rank == 0 and not requeued:
                 log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
@@ -115,8 +147,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time limit: requeue the same job resuming from its state."""
         resumed = TrainJob(
-            self.cfg, self.config_name, self.trainer, self.use_gpu, self.cpus_per_task, self.options, resume="auto"
-        )
+            self.cfg, self.config_name, self.trainer, self.use_gpu, self.cpus_per_task, self.options, resume="auto",
+            requeue_on_failure=self.requeue_on_failure,
+        )  # fmt: skip
         return submitit.helpers.DelayedSubmission(resumed)
 
     def describe(self) -> str:
@@ -126,6 +159,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         else:
             cfg = f"load_config({self.config_name!r}, <overrides>)"
         return f"{self.trainer}.run({cfg}, run_dir='<job folder>', resume={self.resume!r})"
+
+
+# What a collective raises when a peer process is gone (gloo, NCCL, the TCP store) or stopped answering.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+             "DistNetworkError", "NCCL communicator was aborted", "Connection refused")  # fmt: skip
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it chains) is a collective that lost its peer."""
+    for _ in range(10):  # the chain is short; the bound guards against a cycle
+        if exc is None:
+            return False
+        if type(exc).__name__ in ("DistNetworkError", "DistBackendError") or any(m in str(exc) for m in LOST_PEER):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _remove_literal_folder() -> None:

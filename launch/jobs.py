@@ -14,6 +14,8 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from configs import LaunchConfig
+from launch import ranks
+from launch.cluster import pending_reason
 
 RECORD = "launch.json"
 POLL_S = 2.0
@@ -100,6 +102,11 @@ def print_status(job_id: str, runs: str | Path) -> int:
     print(f"job {job_id} ({cluster}): {state}")
     print(f"  folder: {job.paths.folder}")
     print(f"  log:    {job.paths.stdout} {job.paths.stderr}")
+    for line in lost_ranks(Path(job.paths.folder), job_id):
+        print(f"  {line}")
+    reason = pending_reason(job_id) if cluster == "slurm" else None
+    if reason:
+        print(f"  pending: {reason}")
     if job.paths.result_pickle.exists():
         kind, value = _outcome(job)
         print(f"  result: {format_result(value) if kind == 'success' else error_line(value)}")
@@ -170,9 +177,25 @@ def wait_and_report(job: submitit.Job, deadline_s: float) -> int:
         result = job.results()[0]  # rank 0's
     except (FailedJobError, UncompletedJobError) as exc:
         print(f"job {job.job_id} failed: {error_line(str(exc))}\n  full traceback: {job.paths.stderr}")
+        for line in lost_ranks(Path(job.paths.folder), job.job_id):
+            print(f"  {line}")
         return 1
     print(f"job {job.job_id} finished: {format_result(result)}")
     return 0
+
+
+# srun's own account of how tasks ended ("srun: error: NODE: task 1: Killed", "Node failure on NODE") and
+# slurmstepd's cancel reason, in the batch script's stderr (the first task's log file).
+SRUN_LINES = re.compile(r"^(srun: error: .*|slurmstepd.*\*\*\* .*)$", re.MULTILINE)
+
+
+def lost_ranks(folder: Path, job_id: str) -> list[str]:
+    """Why ranks of the job stopped: the survivors' failure records, then SLURM's lines on how tasks ended."""
+    lines = [f"lost:   {ranks.failure_line(record)}" for record in ranks.read_failures(folder)]
+    log = folder / f"{job_id}_0_log.err"
+    if log.is_file():
+        lines += [f"slurm:  {m.strip()}" for m in SRUN_LINES.findall(log.read_text(errors="replace"))]
+    return lines
 
 
 def format_result(result: Any) -> str:

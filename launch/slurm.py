@@ -20,6 +20,7 @@ import submitit
 
 from configs import ExperimentConfig, LaunchConfig, apply_overrides, config_kind, load_config, parse_overrides
 from launch import jobs
+from launch.cluster import check_request
 from launch.executor import make_executor, resolve_cluster, sbatch_script, tasks_per_node
 from launch.job import TrainJob, trainer_module
 
@@ -54,7 +55,8 @@ def submit(
     job_name = cfg.name if cfg is not None else name
     output_dir = Path(cfg.output_dir if cfg is not None else "runs").resolve()
     folder = output_dir / job_name / "%j"
-    task = TrainJob(cfg, name, trainer or trainer_module(cfg), launch.gpus_per_node > 0, launch.cpus_per_task, options)
+    task = TrainJob(cfg, name, trainer or trainer_module(cfg), launch.gpus_per_node > 0, launch.cpus_per_task, options,
+                    requeue_on_failure=launch.requeue_on_failure)  # fmt: skip
     if dry_run:
         print_dry_run(task, launch, cluster, folder, job_name)
         return None
@@ -64,6 +66,8 @@ def submit(
         ensure_shards(cfg)  # prepare the embedded sample, or fail here (not minutes later in the job) without shards
     # the tasks import this repository (also when it is not pip-installed)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    if cluster == "slurm":
+        check_request(launch, tasks_per_node(launch))  # refuse what would stay PENDING for ever
     executor = make_executor(cluster, launch, folder, job_name)
     try:
         job = executor.submit(task)

@@ -26,6 +26,7 @@ RESUME_IGNORED = (
     "launch.",
     "output_dir",
     "train.log_every",
+    "train.dist_timeout_s",
     "checkpoint.",
     "data.num_workers",
     "data.cache_mb",

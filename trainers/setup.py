@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -55,12 +56,14 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
-    handlers = []
+    # a rank that stops answering fails the others' collectives after train.dist_timeout_s, not gloo's 30 min
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=timeout)]
     if plugin is not None and not torch.cuda.is_available():
         # DeepSpeed on CPU: Accelerate must not be told cpu=True (it would then ignore DeepSpeed and see one
         # process); it initialises DeepSpeed's process group with the backend given here instead of nccl
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
         if "LOCAL_RANK" not in os.environ:  # one process, not started by a launcher: a group of one
             os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
