@@ -6,6 +6,7 @@ after command-line overrides, so a bad value is reported with its dotted key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from configs._ranges import check_ranges, check_tree
@@ -339,10 +340,19 @@ class LaunchConfig:
     """seconds before the time limit when SIGUSR2 is sent"""
     requeue_on_failure: int = 0
     """times a job that lost a rank or node is requeued to resume from its last state (SLURM)"""
+    network_interface: str = ""
+    """interface the ranks talk over (NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME), e.g. ib0; empty = auto"""
+    env: tuple[str, ...] = ()
+    """extra environment of every task, e.g. ("NCCL_IB_HCA=mlx5", "NCCL_DEBUG=WARN")"""
 
     def __post_init__(self) -> None:
         _choice("launch.cluster", self.cluster, ("auto", "slurm", "local"))
         check_ranges(self)
+        for item in self.env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
+                raise ValueError(f"launch.env entry {item!r} must look like NAME=value")
+        if self.network_interface and not re.fullmatch(r"[\w.^,-]+", self.network_interface):
+            raise ValueError(f"launch.network_interface={self.network_interface!r} is not an interface name")
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,34 @@ def extra_sbatch_parameters(lines: tuple[str, ...]) -> dict[str, Any]:
     return params
 
 
-def slurm_parameters(launch: LaunchConfig, job_name: str) -> dict[str, Any]:
-    """Parameters of ``submitit.SlurmExecutor`` (sbatch names) for the launch section."""
+def task_environment(launch: LaunchConfig) -> list[str]:
+    """``export`` lines for the sbatch script: the network interface for NCCL/gloo and ``launch.env``."""
+    pairs = [tuple(item.split("=", 1)) for item in launch.env]
+    if launch.network_interface:
+        pairs = [("NCCL_SOCKET_IFNAME", launch.network_interface), ("GLOO_SOCKET_IFNAME", launch.network_interface)]
+        pairs += [tuple(item.split("=", 1)) for item in launch.env]
+    return [f"export {name}={shlex.quote(value)}" for name, value in pairs]
+
+
+def shared_filesystem_check(paths: dict[str, Path]) -> list[str]:
+    """sbatch lines: one step per node checks that every path is there, so a path that only the login node
+    sees fails in seconds with the node's name, not as an import or file error deep in every task."""
+    tests = " && ".join(f"test -e {shlex.quote(str(p))}" for p in paths.values())
+    names = re.sub(r'(["$`\\])', r"\\\1", ", ".join(f"{key}={p}" for key, p in paths.items()))
+    message = f"not visible on node $(hostname): {names}; they must be on a filesystem every node mounts"
+    check = f'{tests} || {{ echo "{message}" >&2; exit 1; }}'
+    return [
+        "# the paths the tasks need exist on every node (a shared filesystem)",
+        f"srun --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES bash -c {shlex.quote(check)} || exit 1",
+    ]
+
+
+def slurm_parameters(launch: LaunchConfig, job_name: str, shared: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Parameters of ``submitit.SlurmExecutor`` (sbatch names) for the launch section.
+
+    ``shared``: paths (by config key) that every node must see, checked on every node before the tasks start.
+    """
+    setup = task_environment(launch) + (shared_filesystem_check(shared) if shared else [])
     params: dict[str, Any] = {
         "job_name": job_name,
         "nodes": launch.nodes,
@@ -60,6 +88,8 @@ def slurm_parameters(launch: LaunchConfig, job_name: str) -> dict[str, Any]:
         # requeueable even where the cluster's JobRequeue default is 0 (preemption / time limit resume)
         "additional_parameters": {"requeue": True, **extra_sbatch_parameters(launch.extra_sbatch)},
     }
+    if setup:
+        params["setup"] = setup
     if launch.gpus_per_node > 0:
         params["gpus_per_node"] = launch.gpus_per_node
     if launch.mem_gb > 0:
@@ -93,17 +123,21 @@ def local_parameters(launch: LaunchConfig) -> dict[str, Any]:
     return params
 
 
-def make_executor(cluster: str, launch: LaunchConfig, folder: Path, job_name: str) -> submitit.Executor:
+def make_executor(
+    cluster: str, launch: LaunchConfig, folder: Path, job_name: str, shared: dict[str, Path] | None = None
+) -> submitit.Executor:
     """A SLURM or local executor writing its files into ``folder`` (which contains ``%j``)."""
     if cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=folder)
-        executor.update_parameters(**slurm_parameters(launch, job_name))
+        executor.update_parameters(**slurm_parameters(launch, job_name, shared))
     else:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(**local_parameters(launch))
     return executor
 
 
-def sbatch_script(launch: LaunchConfig, folder: Path, job_name: str, command: str) -> str:
+def sbatch_script(
+    launch: LaunchConfig, folder: Path, job_name: str, command: str, shared: dict[str, Path] | None = None
+) -> str:
     """The sbatch file submitit writes for this launch section (also without SLURM, for --dry-run)."""
-    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(launch, job_name))
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(launch, job_name, shared))

@@ -57,8 +57,11 @@ def submit(
     folder = output_dir / job_name / "%j"
     task = TrainJob(cfg, name, trainer or trainer_module(cfg), launch.gpus_per_node > 0, launch.cpus_per_task, options,
                     requeue_on_failure=launch.requeue_on_failure)  # fmt: skip
+    shared = {"repository": REPO, "python": Path(sys.executable), "output_dir": output_dir}
+    if cfg is not None:
+        shared["data.shards"] = Path(cfg.data.shards).resolve()
     if dry_run:
-        print_dry_run(task, launch, cluster, folder, job_name)
+        print_dry_run(task, launch, cluster, folder, job_name, shared)
         return None
     if cfg is not None and trainer is None:
         from datasets.prepare import ensure_shards
@@ -68,7 +71,8 @@ def submit(
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if cluster == "slurm":
         check_request(launch, tasks_per_node(launch))  # refuse what would stay PENDING for ever
-    executor = make_executor(cluster, launch, folder, job_name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(cluster, launch, folder, job_name, shared)
     try:
         job = executor.submit(task)
     except submitit.core.utils.FailedJobError as exc:
@@ -77,12 +81,14 @@ def submit(
     return job
 
 
-def print_dry_run(task: TrainJob, launch: LaunchConfig, cluster: str, folder: Path, job_name: str) -> None:
+def print_dry_run(
+    task: TrainJob, launch: LaunchConfig, cluster: str, folder: Path, job_name: str, shared: dict[str, Path]
+) -> None:
     command = f"{sys.executable} -u -m submitit.core._submit {folder}"
     ntasks = tasks_per_node(launch) * launch.nodes
     print(f"# dry run: nothing submitted; cluster={cluster}; job folder {folder} (%j = job id)")
     print("# sbatch script (what SLURM receives):")
-    print(sbatch_script(launch, folder, job_name, command))
+    print(sbatch_script(launch, folder, job_name, command, shared))
     print(f"# each of the {ntasks} task(s) runs: {command}")
     print(f"#   which calls: {task.describe()}")
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import socket
+import subprocess
 
 import pytest
 
 from configs import LaunchConfig
 from launch import jobs
 from launch.cluster import Node, explain_pending, gpu_count, minutes, problems, request_of, what_fits
+from launch.executor import slurm_parameters
 from launch.slurm import main
 
 CPU_NODES = [Node(f"n{i}", "debug", 2, 24105, 0, "idle", 0) for i in (1, 2)]
@@ -61,7 +65,7 @@ def test_unsatisfiable_request_is_refused_and_pending_reason_explained(tmp_path,
     assert main(["--config", "retr_demo", "--cluster", "slurm", "launch.cpu_tasks=64", *runs]) == 2
     assert "cannot run this job" in capsys.readouterr().err
     # a job held until later: --status says why it waits and what releases it
-    held = [*runs, "launch.extra_sbatch=('--begin=now+3600',)", "launch.cpus_per_task=1"]
+    held = [*runs, "launch.extra_sbatch=--begin=now+3600", "launch.cpus_per_task=1"]
     assert main(["--config", "retr_demo", "--cluster", "slurm", "--wait", "0", *held]) == 0
     job_id = re.search(r"submitted job (\d+)", capsys.readouterr().out).group(1)
     try:
@@ -70,3 +74,19 @@ def test_unsatisfiable_request_is_refused_and_pending_reason_explained(tmp_path,
         assert "pending: BeginTime" in out and f"JobId={job_id} StartTime=now" in out, out
     finally:
         assert jobs.cancel(job_id, tmp_path) == 0
+
+
+def test_sbatch_carries_the_network_settings_and_checks_the_shared_filesystem(tmp_path):
+    launch = LaunchConfig(nodes=4, gpus_per_node=8, network_interface="ib0", env=("NCCL_IB_HCA=mlx5",))
+    params = slurm_parameters(launch, "job", {"data.shards": tmp_path, "output_dir": tmp_path / "absent dir"})
+    assert params["ntasks_per_node"] == 8 and params["gpus_per_node"] == 8 and params["nodes"] == 4
+    setup = params["setup"]
+    assert setup[:3] == ["export NCCL_SOCKET_IFNAME=ib0", "export GLOO_SOCKET_IFNAME=ib0", "export NCCL_IB_HCA=mlx5"]
+    srun = setup[-1]
+    assert srun.startswith("srun --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES bash -c ")
+    check = shlex.split(srun.removesuffix(" || exit 1"))[-1]  # what each node runs
+    proc = subprocess.run(["bash", "-c", check], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"not visible on node {socket.gethostname()}" in proc.stderr, proc.stderr
+    assert "output_dir=" in proc.stderr and "absent dir" in proc.stderr
+    (tmp_path / "absent dir").mkdir()
+    assert subprocess.run(["bash", "-c", check]).returncode == 0

@@ -53,9 +53,10 @@ def test_one_and_two_processes_at_one_global_batch_take_one_lr_and_end_equal(tmp
     two, one = _resolved(tmp_path / "two"), _resolved(tmp_path / "one")
     assert two["lr"] == one["lr"] == pytest.approx(0.1) and two["global_batch"] == one["global_batch"] == 16
     assert (two["world_size"], one["world_size"]) == (2, 1)
-    assert "global batch 16, lr 0.1 (optim.lr=0.05, optim.lr_scaling=linear" in (
-        tmp_path / "two" / "run" / "train.log"
-    ).read_text()
+    assert (
+        "global batch 16, lr 0.1 (optim.lr=0.05, optim.lr_scaling=linear"
+        in (tmp_path / "two" / "run" / "train.log").read_text()
+    )
     r0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
     single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
     for key in r0:  # within the tolerance the 1-vs-2-process test uses (reduction order, per-process BN)
