@@ -255,6 +255,8 @@ def run_cli(args, detector_factory: Callable | None = None) -> int:
         raise ValueError("--detector needs mmdetection: run `python -m trainers.recognize` with the same arguments")
     if not args.detector and not args.boxes:
         raise ValueError("give --detector CKPT --det-config NAME, or --boxes gt|whole")
+    if (args.eval or args.boxes == "gt") and Path(args.images).is_dir():
+        raise ValueError("--eval and --boxes gt need --images as the COCO file of the images (their ids and boxes)")
     retriever = load_retriever(args.retriever, args.config, device=args.device, batch_size=args.batch_size)
     bank = read_version(args.bank)
     queries, _ = read_queries(args.images, args.image_root, args.split)

@@ -139,5 +139,6 @@ def test_cli_writes_results_table_and_pictures(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "results_eval.json").read_text())["rows"]["d"][1] >= 0.0
     # a detector needs the module that can load one; another model's bank is refused
     assert recognize.main([*args, "--detector", "x.pth"]) == 2
+    assert recognize.main([*args, "--images", str(tmp_path)]) == 2  # ground truth needs the COCO file's ids
     other = make_retriever_run(tmp_path / "other", s["root"], seed=3)
     assert recognize.main([*args[:1], str(other), *args[2:]]) == 2
