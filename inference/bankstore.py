@@ -4,15 +4,19 @@
 A change writes a complete new version into a hidden temporary folder, fsyncs it, renames it into place,
 and only then replaces ``CURRENT`` (atomic rename). A reader therefore always sees a complete version: the
 previous one until the new one is whole, even when the writer is killed. Leftover temporary folders of
-killed writers are removed by the next writer. The newest ``keep`` versions are kept.
+killed writers are removed by the next writer; writers take turns (``writer_lock``). The newest ``keep``
+versions are kept.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +94,23 @@ def current_version(root: str | Path) -> int:
 
 def version_dir(root: str | Path, version: int) -> Path:
     return Path(root) / f"v{version:06d}"
+
+
+@contextmanager
+def writer_lock(root: str | Path) -> Iterator[None]:
+    """One writer at a time (an exclusive ``flock`` on ``BANK/.lock``, released by the OS if the writer dies):
+    a second ``add`` would otherwise start from the same version and drop the first one's change."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"gallery bank {root} is being changed by another process; retry later") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_version(root: str | Path, entry: BankVersion, keep: int = 5) -> int:

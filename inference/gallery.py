@@ -23,7 +23,15 @@ from tqdm import tqdm
 from datasets.crop import CropError, CropSettings, load_image
 from datasets.records import Record
 from inference.bank import GalleryBank
-from inference.bankstore import BankVersion, add_rows, index_note, keep_rows, read_version, write_version
+from inference.bankstore import (
+    BankVersion,
+    add_rows,
+    index_note,
+    keep_rows,
+    read_version,
+    write_version,
+    writer_lock,
+)
 from inference.crops import ViewConfig, crop_settings, gallery_views
 from inference.postprocess import PostProcess
 from inference.retriever import Retriever, load_retriever
@@ -98,7 +106,8 @@ def build(
         "history": [_event("build", len(items), skipped, start)],
     }
     entry = BankVersion(bank, items, meta)
-    write_version(root, entry)
+    with writer_lock(root):
+        write_version(root, entry)
     return entry
 
 
@@ -109,6 +118,11 @@ def _event(op: str, count: int, skipped: list[str], start: float, **extra) -> di
 
 def add(root: str | Path, records: Sequence[Record], retriever: Retriever, progress: bool = True) -> BankVersion:
     """Embed only ``records`` (with the bank's views) and write bank + them as a new version."""
+    with writer_lock(root):
+        return _add(root, records, retriever, progress)
+
+
+def _add(root, records, retriever, progress) -> BankVersion:
     old = read_version(root)
     old.check_retriever(retriever.fingerprint)
     if not records:
@@ -129,6 +143,11 @@ def add(root: str | Path, records: Sequence[Record], retriever: Retriever, progr
 
 def remove(root: str | Path, skus: Iterable[int] = (), sources: Iterable[str] = ()) -> BankVersion:
     """Drop every row of the given SKUs and/or source images and write the rest as a new version."""
+    with writer_lock(root):
+        return _remove(root, skus, sources)
+
+
+def _remove(root, skus, sources) -> BankVersion:
     old = read_version(root)
     skus, sources = [int(s) for s in skus], [str(s) for s in sources]
     if not skus and not sources:

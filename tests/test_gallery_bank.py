@@ -167,3 +167,12 @@ def test_cli_build_info_and_errors(tmp_path, sample_root, capsys):
     with pytest.raises(ValueError, match="flip,scale"):
         ViewConfig.parse("rotate=5")
     assert np.isclose(read_version(bank).bank.features.norm(dim=1), 1, atol=1e-5).all()
+
+
+def test_writers_take_turns(bank):
+    from inference.bankstore import writer_lock
+
+    with writer_lock(bank):  # another process changing the bank holds this lock
+        with pytest.raises(ValueError, match="being changed by another process"):
+            gallery.remove(bank, skus=[1])
+    assert gallery.remove(bank, skus=[1]).version == 2
