@@ -42,14 +42,14 @@ def retriever(checkpoint):
 
 @pytest.fixture
 def bank(tmp_path, sample_root, retriever) -> Path:
-    records = [r for r in library(sample_root) if r.identity <= 20]  # SKUs 21-24 are left to add
+    records = [r for r in library(sample_root) if r.identity <= 8]  # a few SKUs keep it fast; 21-24 are added later
     gallery.build(records, retriever, tmp_path / "bank", ViewConfig(flip=True), progress=False)
     return tmp_path / "bank"
 
 
 def test_build_crops_views_and_records_the_model(bank, retriever, sample_root):
     entry = read_version(bank)
-    assert entry.version == 1 and len(entry.bank) == 40  # 20 library images x (crop + flip view)
+    assert entry.version == 1 and len(entry.bank) == 16  # 8 library images x (crop + flip view)
     assert [it["view"] for it in entry.items[:2]] == ["orig", "flip"]
     assert entry.fingerprint == retriever.fingerprint
     assert entry.meta["crop"]["padding"] == retriever.cfg.data.prepare.padding  # training's crop settings
@@ -75,7 +75,7 @@ def test_add_embeds_only_the_new_images_and_keeps_the_old_version(bank, retrieve
     assert sum(calls) == 2 * len(new)  # the new images and their flip views, nothing else re-embedded
     assert after.version == 2 and len(after.bank) == len(before.bank) + 2 * len(new)
     assert torch.equal(after.bank.features[: len(before.bank)], before.bank.features)
-    assert set(after.skus()) == set(range(1, 25))
+    assert set(after.skus()) == set(range(1, 9)) | set(range(21, 25))
     assert read_version(bank, 1).meta["count"] == len(before.bank)  # the previous version stays readable
     scores, idx = after.bank.search(after.bank.features[-2:], 1, raw=False)
     assert after.items[int(idx[0, 0])]["identity"] > 20
@@ -83,7 +83,7 @@ def test_add_embeds_only_the_new_images_and_keeps_the_old_version(bank, retrieve
 
 @pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
 def test_remove_a_sku_or_an_image_for_every_index(tmp_path, sample_root, retriever, index):
-    records = library(sample_root, per_sku=2)
+    records = [r for r in library(sample_root, per_sku=2) if r.identity <= 8]
     gallery.build(records, retriever, tmp_path / "b", index=index, progress=False)
     entry = gallery.remove(tmp_path / "b", skus=[3])
     assert 3 not in entry.skus() and len(entry.bank) == len(records) - 2
@@ -102,7 +102,7 @@ def test_remove_errors_name_what_is_wrong(bank):
     with pytest.raises(ValueError, match=r"\[99\] not in gallery bank"):
         gallery.remove(bank, skus=[99])
     with pytest.raises(ValueError, match="empty"):
-        gallery.remove(bank, skus=list(range(1, 21)))
+        gallery.remove(bank, skus=list(range(1, 9)))
     assert current_version(bank) == 1  # failed changes write nothing
 
 
