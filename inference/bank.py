@@ -15,6 +15,7 @@ import torch
 
 from inference.distance import as_features, as_labels
 from inference.postprocess import PostProcess
+from inference.serialization import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,7 @@ class GalleryBank:
     @classmethod
     def load(cls, path: str | Path) -> GalleryBank:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"gallery bank file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, "gallery bank file")
         if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} is not a gallery bank file (format version {FORMAT_VERSION})")
         n = state["features"].shape[0]

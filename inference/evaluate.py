@@ -92,4 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from configs.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -20,6 +20,7 @@ from torch import nn
 from inference.aggregate import POOLINGS, GeM
 from inference.heads import bnneck, build_head
 from inference.ibn import IBN_DEPTHS, resnet_ibn_a
+from inference.serialization import load_weights_only
 
 if TYPE_CHECKING:  # the schema imports this module's registries: a runtime import would be a cycle
     from configs import ModelConfig
@@ -141,10 +142,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         obj = load_file(str(path))
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path, "model.pretrained_path", mmap=True)
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -262,9 +260,7 @@ def load_model(cfg: ModelConfig, checkpoint: str | Path, img_size: tuple[int, in
     """The model of ``cfg`` with the weights of a retrieval state_dict file (weights_only; e.g. ``mAPxx.pth``);
     the number of classes comes from the file. Returned in eval mode on the CPU."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path, "checkpoint")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     head = state.get("head.weight") if isinstance(state, dict) else None

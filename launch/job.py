@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import submitit
 
 from configs import ExperimentConfig, save_config
 from launch import ranks
+from launch.result import clear_result, write_result
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.options = tuple(options)
         self.resume = resume
         self.requeue_on_failure = requeue_on_failure
+        self._requeued: list[int] = []  # signals on which this attempt requeued the job
 
     def __call__(self) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,6 +78,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         )  # fmt: skip
         if dist.rank == 0:
             _remove_literal_folder()
+            clear_result(run_dir)
             if self.cfg is not None:
                 save_config(self.cfg, run_dir / "config.json")
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -84,7 +88,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             self.resume = "auto"
         beat = ranks.Heartbeat(run_dir, dist.rank, env.hostname, restart)
         try:
-            return self._run_requeueing(run_dir, dist.rank, env.cluster)
+            if dist.rank != 0:
+                return self._run_requeueing(run_dir, dist.rank, env.cluster)
+            return self._run_recording(run_dir, env.cluster)
         except Exception as exc:
             if dist.world_size > 1 and lost_peer(exc):
                 self._on_lost_rank(run_dir, str(env.job_id), beat.info, exc, env.cluster)
@@ -109,6 +115,20 @@ class TrainJob(submitit.helpers.Checkpointable):
                       self.requeue_on_failure)  # fmt: skip
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "Requeue=0"], check=False)
 
+    def _run_recording(self, run_dir: Path, cluster: str) -> Any:
+        """Rank 0: run, and record the outcome as ``result.json`` (what --status and the waiting launcher read)."""
+        try:
+            result = self._run_requeueing(run_dir, 0, cluster)
+        except SystemExit as exc:
+            if not self._requeued:  # a stop that requeues is no outcome: the job goes on
+                write_result(run_dir, "error", error=f"SystemExit: exit code {exc.code}", exit_code=exc.code)
+            raise
+        except BaseException as exc:
+            write_result(run_dir, "error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            raise
+        write_result(run_dir, "success", result=result)
+        return result
+
     def _run_requeueing(self, run_dir: Path, rank: int, cluster: str) -> Any:
         """Run the trainer; when it stops on the preemption signal, let submitit checkpoint and requeue."""
         sig = submitit.JobEnvironment._usr_sig()
@@ -119,6 +139,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             requeued.append(signum)
             submitit_handler(signum, frame)
 
+        self._requeued = requeued
         signal.signal(sig, requeue)  # still submitit's behaviour when the trainer does not catch the signal
         # SLURM signals every process of the step; forked helpers (DataLoader workers) must not die of it.
         os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))

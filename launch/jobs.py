@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from configs import LaunchConfig
 from launch import ranks
 from launch.cluster import pending_reason
+from launch.result import read_result
 
 RECORD = "launch.json"
 POLL_S = 2.0
@@ -86,14 +86,19 @@ def job_state(job: submitit.Job, cluster: str) -> str:
     record_path = Path(job.paths.folder) / RECORD
     if record_path.is_file() and json.loads(record_path.read_text()).get("cancelled"):
         return "CANCELLED"
-    if job.paths.result_pickle.exists():
-        return "FINISHED" if _outcome(job)[0] == "success" else "FAILED"
-    return "RUNNING" if _pid_alive(int(job.job_id)) else "DIED"
+    if _pid_alive(int(job.job_id)):
+        return "RUNNING"
+    outcome = read_result(job.paths.folder)
+    if outcome is None:
+        return "DIED"
+    return "FINISHED" if outcome["state"] == "success" else "FAILED"
 
 
-def _outcome(job: submitit.Job) -> tuple[str, Any]:
-    """("success", result) or ("error", traceback text) from rank 0's result file."""
-    return submitit.core.utils.pickle_load(job.paths.result_pickle)
+def outcome_line(outcome: dict[str, Any]) -> str:
+    """One line for a ``result.json`` record: the metrics, or the error."""
+    if outcome["state"] == "success":
+        return format_result(outcome.get("result"))
+    return str(outcome.get("error", "failed"))
 
 
 def print_status(job_id: str, runs: str | Path) -> int:
@@ -107,9 +112,9 @@ def print_status(job_id: str, runs: str | Path) -> int:
     reason = pending_reason(job_id) if cluster == "slurm" else None
     if reason:
         print(f"  pending: {reason}")
-    if job.paths.result_pickle.exists():
-        kind, value = _outcome(job)
-        print(f"  result: {format_result(value) if kind == 'success' else error_line(value)}")
+    outcome = read_result(job.paths.folder)  # JSON only: submitit's result pickle is never loaded here
+    if outcome is not None:
+        print(f"  result: {outcome_line(outcome)}")
     return 0
 
 
@@ -173,14 +178,14 @@ def wait_and_report(job: submitit.Job, deadline_s: float) -> int:
     if not wait_done(job, deadline_s):
         print(f"job {job.job_id} still running after {deadline_s:.0f} s; it goes on (see the commands above)")
         return 0
-    try:
-        result = job.results()[0]  # rank 0's
-    except (FailedJobError, UncompletedJobError) as exc:
-        print(f"job {job.job_id} failed: {error_line(str(exc))}\n  full traceback: {job.paths.stderr}")
+    outcome = read_result(job.paths.folder)
+    if outcome is None or outcome["state"] != "success":
+        what = "ended without a result (killed?)" if outcome is None else f"failed: {outcome_line(outcome)}"
+        print(f"job {job.job_id} {what}\n  full traceback: {job.paths.stderr}")
         for line in lost_ranks(Path(job.paths.folder), job.job_id):
             print(f"  {line}")
         return 1
-    print(f"job {job.job_id} finished: {format_result(result)}")
+    print(f"job {job.job_id} finished: {outcome_line(outcome)}")
     return 0
 
 
@@ -202,13 +207,6 @@ def format_result(result: Any) -> str:
     if isinstance(result, dict):
         return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     return repr(result)
-
-
-def error_line(traceback_text: str) -> str:
-    """The exception line of a task's traceback (its last ``SomeError: message`` line)."""
-    lines = [line.strip() for line in traceback_text.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
-    return errors[-1] if errors else (lines[-1] if lines else traceback_text)
 
 
 def sbatch_error(exc: Exception) -> str:

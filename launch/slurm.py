@@ -63,6 +63,7 @@ def submit(
     if dry_run:
         print_dry_run(task, launch, cluster, folder, job_name, shared)
         return None
+    private_job_folders(folder.parent)
     if cfg is not None and trainer is None:
         from datasets.prepare import ensure_shards
 
@@ -79,6 +80,23 @@ def submit(
         raise RuntimeError(f"SLURM rejected the job ({cluster} executor):\n{jobs.sbatch_error(exc)}") from None
     jobs.write_record(job, cluster, name, launch)
     return job
+
+
+def private_job_folders(parent: Path) -> None:
+    """Job folders only their owner can write: the job unpickles submitit's ``*_submitted.pkl`` from there.
+
+    New folders get no group/other write bit (the umask also reaches the job, which writes its requeue
+    state there); an existing ``runs/NAME`` that others can write, or that someone else owns, is refused.
+    """
+    os.umask(os.umask(0) | 0o022)
+    parent.mkdir(parents=True, exist_ok=True)
+    st = parent.stat()
+    if st.st_mode & 0o022 or st.st_uid != os.getuid():
+        raise ValueError(
+            f"job folder parent {parent} can be written by other users (mode {st.st_mode & 0o777:o}, owner uid "
+            f"{st.st_uid}); the job loads submitit's pickled call from there, so that would let them run code "
+            f"as you: `chmod go-w {parent}`, or choose another output_dir"
+        )
 
 
 def print_dry_run(

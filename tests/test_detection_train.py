@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import shutil
 import signal
 from pathlib import Path
 
@@ -14,9 +12,10 @@ import torch
 pytest.importorskip("mmdet")
 
 from mmengine.config import Config  # noqa: E402
+from mmengine.logging import HistoryBuffer  # noqa: E402
 
 from configs import config_path  # noqa: E402
-from trainers import detection  # noqa: E402  (installs mmcv._ext first)
+from trainers import det_checkpoint, detection  # noqa: E402  (installs mmcv._ext first)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,30 +116,87 @@ def test_det_demo_trains_evaluates_and_resumes(trained):
     # resume through the CLI entry point: continues at epoch 2 without redoing epoch 1
     args = ["--config", str(config), "--work-dir", str(run_dir), "--resume", "--cfg-options", "train_cfg.max_epochs=2"]
     detection.main(args)
-    second = torch.load(run_dir / "epoch_2.pth", map_location="cpu", weights_only=False)
+    second = detection._load_local_checkpoint(str(run_dir / "epoch_2.pth"))
     assert second["meta"]["epoch"] == 2
     assert first.stat().st_mtime_ns == stamp
     logs = "".join(p.read_text() for p in run_dir.rglob("*.log"))
     assert "resumed epoch: 1" in logs
 
 
-def test_untrusted_checkpoints_load_weights_only(tmp_path, trained):
+class _Planted:
+    """A pickle another user could leave in a run directory: loading it with full unpickling creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_are_weights_only_and_planted_files_run_no_code(tmp_path, trained):
     run_dir = trained[1]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    foreign = shutil.copy(run_dir / "epoch_1.pth", elsewhere / "epoch_1.pth")
-    detection._TRUSTED_DIRS.discard(elsewhere.resolve())
-    with pytest.raises(pickle.UnpicklingError):
-        detection._load_local_checkpoint(str(foreign))  # mmengine's full state is refused outside our run dirs
-    weights = shutil.copy(next(run_dir.glob("mAP*.pth")), elsewhere / "weights.pth")
-    assert "state_dict" in detection._load_local_checkpoint(str(weights))  # plain weights load fine
-    assert "message_hub" in detection._load_local_checkpoint(str(run_dir / "epoch_1.pth"))
+    ours = run_dir / "epoch_1.pth"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ours) == []  # no pickled Python objects
+    state = detection._load_local_checkpoint(str(ours))
+    assert state["meta"][det_checkpoint.FORMAT_KEY] == det_checkpoint.FORMAT
+    buffers = state["message_hub"]["log_scalars"]
+    assert buffers and all(isinstance(b, HistoryBuffer) for b in buffers.values())
+    assert "state_dict" in detection._load_local_checkpoint(str(next(run_dir.glob("mAP*.pth"))))
+
+    marker = tmp_path / "code-ran"
+    planted = run_dir / "epoch_9.pth"  # inside our own run directory
+    torch.save({"meta": {"epoch": 9}, "state_dict": {}, "message_hub": _Planted(marker)}, planted)
+    try:
+        with pytest.raises(ValueError, match=f"checkpoint {planted} holds Python objects") as err:
+            detection._load_local_checkpoint(str(planted))
+        assert "weights_only=False" not in str(err.value)
+        # a weights-only file whose meta.config is Python source: mmengine's resume would execute it
+        foreign = dict(torch.load(ours, weights_only=True))
+        foreign["meta"] = {**foreign["meta"], "config": f"open({str(marker)!r}, 'w')\n"}
+        torch.save(foreign, planted)
+        assert "config" not in detection._load_local_checkpoint(str(planted))["meta"]
+        del foreign["meta"][det_checkpoint.FORMAT_KEY]
+        torch.save(foreign, planted)
+        with pytest.raises(ValueError, match="without the 'detretr_format' marker"):
+            detection._load_local_checkpoint(str(planted))
+        planted.write_bytes(ours.read_bytes()[:5000])
+        with pytest.raises(ValueError, match="is not a torch file, or it is truncated"):
+            detection._load_local_checkpoint(str(planted))
+    finally:
+        planted.unlink()
+    assert not marker.exists(), "a planted checkpoint ran code"
 
 
 def test_missing_load_from_is_a_clear_error(tmp_path, sample_root):
     config = tiny_demo(tmp_path, sample_root)
     with pytest.raises(FileNotFoundError, match="load_from"):
         detection.run(config, run_dir=tmp_path / "run", cfg_options={"load_from": "weights/nope.pth"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["train_cfg.max_epoch=2"], "--cfg-options train_cfg.max_epoch: unknown key 'max_epoch' in train_cfg"),
+        (["train_cfg.max_epochs=two"], "--cfg-options train_cfg.max_epochs='two': expected an integer"),
+        (["model.backbone.depthx=3"], "unknown key 'depthx' in model.backbone"),
+        (["make_sample=False", "data_root=NOWHERE"], "train_dataloader: annotation file NOWHERE/query.json does not"),
+    ],
+)
+def test_bad_options_and_data_are_one_line_and_leave_no_run_dir(tmp_path, capsys, options, message):
+    from configs.cli import run_cli
+
+    options = [o.replace("NOWHERE", str(tmp_path / "nowhere")) for o in options]
+    message = message.replace("NOWHERE", str(tmp_path / "nowhere"))
+    runs = detection.REPO / "runs" / "det_demo"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    work = tmp_path / "run"
+    for where in (["--work-dir", str(work)], []):  # an explicit run dir, and the default runs/det_demo/<time>
+        assert run_cli(detection.main, ["--config", "det_demo", *where, "--cfg-options", *options]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not work.exists()
+    assert (set(runs.iterdir()) if runs.is_dir() else set()) == before, "a failed try left a run directory"
+    assert detection.load_det_config("det_demo", {"model.backbone.drop_path_rate": 0.3}).model.backbone.drop_path_rate
 
 
 @pytest.mark.slow

@@ -136,3 +136,14 @@ def test_task_environment_comes_from_submitit(tmp_path, use_gpu, visible, expect
     assert task_env["ACCELERATE_USE_CPU"] == (None if use_gpu or deepspeed else "1")
     if use_gpu:
         assert task_env["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_job_folders_that_others_can_write_are_refused(tmp_path, capsys):
+    """The job unpickles submitit's call from its folder: a folder others can write would let them run code."""
+    shared = tmp_path / "runs" / "retr_demo"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    args = ["--config", "retr_demo", "--cluster", "local", f"output_dir={tmp_path / 'runs'}"]
+    assert main(args) == 2
+    assert f"job folder parent {shared} can be written by other users (mode 777" in capsys.readouterr().err
+    assert list(shared.iterdir()) == []

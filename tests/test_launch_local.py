@@ -7,6 +7,8 @@ tests/test_launch_retr_demo.py runs the real retr_demo.
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -42,8 +44,10 @@ def preempted(tmp_path_factory):
 
 def test_local_job_trains_with_two_synced_tasks(preempted):
     job, folder, _ = preempted
-    results = job.results()
+    results = job.results()  # this test's own job: its result pickles are trusted here, never by the launcher
     assert [r["world_size"] for r in results] == [2, 2]
+    record = json.loads((folder / "result.json").read_text())
+    assert record["state"] == "success" and record["result"] == json.loads(json.dumps(results[0]))
     assert all(r["steps"] == EPOCHS * ITERS for r in results)
     assert folder.name == job.job_id and folder.parent.name == "retr_demo"
     saved = from_dict(json.loads((folder / "config.json").read_text()))
@@ -94,3 +98,29 @@ def test_a_job_that_fails_early_is_reported_without_hanging(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"job {job.job_id} failed: ModuleNotFoundError: No module named 'tests.no_such_trainer'" in out
     assert str(job.paths.stderr) in out
+
+
+class _PlantedPickle:
+    """What another user could leave in a shared job folder: unpickling it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_status_and_cancel_never_unpickle_files_in_the_job_folder(preempted, tmp_path, capsys):
+    job, folder, _ = preempted
+    runs = tmp_path / "runs"
+    copy = shutil.copytree(folder, runs / "retr_demo" / job.job_id)
+    marker = tmp_path / "code-ran"
+    pickles = list(copy.glob("*.pkl"))
+    assert pickles, "submitit wrote no result pickles"
+    for path in pickles:
+        path.write_bytes(pickle.dumps(("success", _PlantedPickle(marker))))
+    assert main(["--status", job.job_id, "--runs", str(runs)]) == 0
+    assert main(["--cancel", job.job_id, "--runs", str(runs)]) == 0
+    assert not marker.exists(), "a planted pickle ran code"
+    out = capsys.readouterr().out
+    assert f"job {job.job_id} (local): FINISHED" in out and "world_size=2" in out

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.serialization import load_weights_only
+
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "state-"
@@ -210,9 +212,9 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
 
 
 def load_state(path: str | Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_only(path, "--resume state file")
     for key in ("model", "optimizer", "global_step", "epoch", "config"):
-        if key not in state:
+        if not isinstance(state, dict) or key not in state:
             raise ValueError(f"{path} is not a resumable state of trainers/retrieval.py (no {key!r})")
     return state
 

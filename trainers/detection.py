@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
-from trainers import mmcv_ext  # noqa: E402
+from trainers import det_checkpoint, mmcv_ext  # noqa: E402
 
 mmcv_ext.install()  # before anything imports mmcv.ops
 
@@ -30,26 +30,16 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import CheckpointLoader, Runner  # noqa: E402
 
 from trainers.checkpoint import save_best  # noqa: E402
+from trainers.det_options import check_cfg_options  # noqa: E402
 from trainers.detection_data import DetrCocoDataset, category_names  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-_TRUSTED_DIRS: set[Path] = set()
 
 
 def _load_local_checkpoint(filename: str, map_location=None):
-    """mmengine's local checkpoint loader with an explicit ``weights_only`` choice.
-
-    torch >= 2.6 loads weights-only by default and then refuses mmengine's resumable checkpoints (they pickle
-    its HistoryBuffer and numpy state). Full unpickling runs arbitrary code, so it is allowed ONLY for files
-    under a run directory this process trains in (checkpoints it wrote itself); every other file (``load_from``
-    pretrained weights, someone else's checkpoint) loads weights-only.
-    """
-    path = Path(filename).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {filename} does not exist")
-    ours = any(path.is_relative_to(d) for d in _TRUSTED_DIRS)
-    return torch.load(path, map_location=map_location, weights_only=not ours)
+    """mmengine's loader for local files: always weights-only (see ``trainers/det_checkpoint.py``)."""
+    return det_checkpoint.load(filename, map_location=map_location)
 
 
 CheckpointLoader.register_scheme(prefixes="", loader=_load_local_checkpoint, force=True)
@@ -66,6 +56,7 @@ def load_det_config(name_or_path: str | os.PathLike, cfg_options: dict | None = 
             raise ValueError(f"config {name_or_path!r} is a dataclass config; use trainers/retrieval.py for it")
     cfg = Config.fromfile(str(path))
     if cfg_options:
+        check_cfg_options(cfg, cfg_options)
         cfg.merge_from_dict(cfg_options)
     return cfg
 
@@ -122,6 +113,7 @@ def resolve_data(cfg: Config) -> list[str]:
             ds["data_root"] = data_root
             if ds.get("type") == "DetrCocoDataset":
                 ds["class_agnostic"] = agnostic
+    _check_annotations(cfg, data_root)
     train = [ds for ds in _datasets(cfg.train_dataloader["dataset"]) if ds.get("type") == "DetrCocoDataset"]
     if agnostic:
         classes = ["object"]
@@ -135,6 +127,18 @@ def resolve_data(cfg: Config) -> list[str]:
         log.info("%d class(es)%s: %s", len(classes), " (class-agnostic)" if agnostic else "", ", ".join(classes[:10]))
     cfg.num_classes = len(classes)
     return classes
+
+
+def _check_annotations(cfg: Config, data_root: str) -> None:
+    """Every dataset's annotation file exists, before a run directory or a Runner is made."""
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        for ds in _datasets(cfg[loader]["dataset"]) if cfg.get(loader) else ():
+            ann = ds.get("ann_file")
+            if ds.get("type") == "DetrCocoDataset" and ann and not Path(data_root, ann).is_file():
+                raise FileNotFoundError(
+                    f"{loader}: annotation file {Path(data_root, ann)} does not exist (data_root={data_root!r}; "
+                    "set it with --cfg-options data_root=DIR)"
+                )
 
 
 class _MetricsRecorder(Hook):
@@ -261,12 +265,12 @@ def run(
     cfg = load_det_config(cfg_name_or_path, parse_cfg_options(cfg_options))
     name = Path(str(cfg_name_or_path)).stem
     run_dir = Path(run_dir or _default_run_dir(name, bool(resume))).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _TRUSTED_DIRS.add(run_dir)
     resolve_data(cfg)
     _prepare(cfg, run_dir, resume, amp)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only once the config and its data checked out
     runner = Runner.from_cfg(cfg)
     recorder, stopper = _MetricsRecorder(), _StopOnSignal()
+    runner.register_hook(det_checkpoint.PlainStateHook())
     runner.register_hook(recorder)
     runner.register_hook(stopper)
     stopper.install()
@@ -319,4 +323,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 __all__ = ["DetrCocoDataset", "load_det_config", "main", "resolve_data", "run"]
 
 if __name__ == "__main__":
-    main()
+    from configs.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -423,4 +423,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from configs.cli import run_cli  # user errors as one line; --debug for the traceback
+
+    sys.exit(run_cli(main))
