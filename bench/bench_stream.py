@@ -7,9 +7,9 @@ torchvision transforms through a torch DataLoader, (b) the same decode + per-ima
 tight single-process loop over the same JPEG bytes held in memory (the issue's ceiling), and (b') decode + the
 stream's own batched augmentation (``BatchAugment``, same augmentation distribution) in the same tight loop:
 the ceiling for the code the stream runs. The stream and (a) are timed two ways: as a training run uses them
-(``datasets.stream.TrainStream`` / a DataLoader with ``persistent_workers``: workers start once, one epoch per
-repeat, the first one's start-up included in the total) and as a single epoch with workers of its own
-(``datasets.stream.train_loader`` / a plain DataLoader). Prints a table.
+(one ``datasets.stream.TrainStream`` / a DataLoader with ``persistent_workers``: workers start once, one epoch
+per repeat, the first one's start-up included in the total) and as a single epoch with workers of its own
+(a fresh ``TrainStream`` / a plain DataLoader). Prints a table.
 
     python bench/bench_stream.py [--workers 1 2] [--repeats 5] [--limit 1600]
 """
@@ -37,7 +37,7 @@ from configs import load_config  # noqa: E402
 from datasets.prepare import prepare_shards  # noqa: E402
 from datasets.records import Record, assign_labels  # noqa: E402
 from datasets.shards import iter_shard, read_manifest  # noqa: E402
-from datasets.stream import TrainStream, train_loader  # noqa: E402
+from datasets.stream import TrainStream  # noqa: E402
 from datasets.transforms import BatchAugment, decode, train_transform  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -86,9 +86,12 @@ def export_folder(shards: Path, out: Path) -> list[tuple[Path, int]]:
 
 
 def time_stream(cfg, workers: int, epoch: int) -> tuple[int, float]:
+    """One epoch of a fresh stream, its workers' start included (shards are verified once per process: not here)."""
     cfg.data.num_workers = workers
     start = time.perf_counter()
-    n = sum(len(b["label"]) for b in train_loader(cfg, 0, 1, epoch))
+    stream = TrainStream(cfg, 0, 1)
+    n = sum(len(b["label"]) for b in stream.epoch(epoch))
+    stream.close()
     return n, time.perf_counter() - start
 
 

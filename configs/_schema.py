@@ -100,8 +100,8 @@ class DataConfig:
     """balanced sampler: most samples taken per class per epoch (0 = the median class count)"""
     num_workers: int = 2
     """data loader workers per rank (they persist across epochs)"""
-    cache_mb: int = 512
-    """per worker: JPEG bytes of read samples kept for later epochs (0 = read the shards every epoch)"""
+    cache_mb: int = 0
+    """per worker: an LRU of recently read samples' bytes, in MiB (0 = none: the OS page cache keeps hot shards)"""
     eval_batch_size: int = 64
     """batch size of the evaluation stream"""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)

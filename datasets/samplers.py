@@ -1,61 +1,26 @@
-"""Epoch plans for the training stream: which shards each rank reads and which samples form each batch.
+"""Epoch plans of the training stream: the global batches of an epoch, and each rank's share of them.
 
-Plans are pure functions of the manifest's per-sample label list, the seed and the epoch, so every rank
-computes every rank's plan and keeps the shortest length: all ranks get the same number of batches.
+A plan is a pure function of the split's per-sample label list, the seed and the epoch, over the whole split: the
+same global batches whatever the number of ranks and workers. Rank ``r`` of ``W`` takes the ``r``-th of ``W``
+equal slices of every global batch, cut into ``grad_accum`` micro-batches; P x K batches hold their identities'
+K samples next to each other, so the slices keep identity groups whole when the slice size is a multiple of K.
 """
 
 from __future__ import annotations
 
-import logging
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class EpochPlan:
-    """One rank's epoch: its shards, its batches (lists of sample indices) and what the sampler had to do."""
+    """One epoch: ``batches[step]`` holds the sample indices of global batch ``step``; what the sampler did."""
 
-    shards: list[int]
-    batches: list[list[int]]
+    batches: np.ndarray
     stats: dict = field(default_factory=dict)
-
-
-def assign_shards(counts: Sequence[int], world_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shards of each rank this epoch (the node split, rotating per epoch): a seeded shuffle, then each shard to
-    the rank holding the fewest samples so far (largest shards first), so ranks get nearly equal pools and the
-    equal-length cut drops little. ``counts`` are the shards' sample counts."""
-    num_shards = len(counts)
-    if num_shards < world_size:
-        raise ValueError(
-            f"the training split has {num_shards} shards but there are {world_size} ranks; every rank needs at "
-            "least one shard: re-run datasets.prepare with a smaller data.prepare.shard_size"
-        )
-    order = list(range(num_shards))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    order.sort(key=lambda i: -counts[i])  # stable: equal-size shards keep the shuffled order
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for position, i in enumerate(order):
-        # the least-loaded rank; among equals, rotate with the position so equal shards are dealt round-robin
-        rank = min(range(world_size), key=lambda r: (load[r], (r - position) % world_size))
-        owned[rank].append(i)
-        load[rank] += counts[i]
-    return [sorted(o) for o in owned]
-
-
-def shard_indices(shards: Sequence[dict], ids: Sequence[int]) -> list[int]:
-    """Sample indices held by the given shards (shards store contiguous index ranges)."""
-    out: list[int] = []
-    for i in ids:
-        first = shards[i]["first_index"]
-        out.extend(range(first, first + shards[i]["count"]))
-    return out
 
 
 def balanced_selection(labels: Sequence[int], cap: int, seed: int, epoch: int) -> tuple[np.ndarray, int]:
@@ -74,91 +39,109 @@ def balanced_selection(labels: Sequence[int], cap: int, seed: int, epoch: int) -
     return np.sort(keep), cap
 
 
-def pk_batches(
-    indices: Sequence[int], labels: Sequence[int], p: int, k: int, rng: random.Random
-) -> tuple[list[list[int]], dict]:
-    """P x K batches from a pool: each identity cut into groups of K; P distinct identities per batch.
+def pk_batches(labels: np.ndarray, p: int, k: int, rng: random.Random) -> tuple[list[list[int]], dict]:
+    """P x K batches over all labelled samples: each identity cut into groups of K; P distinct identities a batch.
 
     Identities with fewer than K samples are filled up by sampling their own samples with replacement (as
-    reid-strong-baseline's RandomIdentitySampler does); how many is returned in the stats, never silent.
+    reid-strong-baseline's RandomIdentitySampler does); how many is returned in the stats, never silent. Each
+    batch draws P identities uniformly among those with groups left; an exhausted identity leaves the pool by
+    a swap with the last one, so an epoch costs O(samples), not O(batches x identities).
     """
-    by_label: dict[int, list[int]] = defaultdict(list)
-    for i in indices:
-        if labels[i] >= 0:
-            by_label[labels[i]].append(i)
-    if len(by_label) < p:
-        raise ValueError(f"P x K batching needs P={p} identities per batch but the pool holds only {len(by_label)}")
-    groups: dict[int, list[list[int]]] = {}
+    order = np.argsort(labels, kind="stable")
+    order = order[labels[order] >= 0]
+    ids, starts = np.unique(labels[order], return_index=True)
+    if len(ids) < p:
+        raise ValueError(f"P x K batching needs P={p} identities per batch but the split holds only {len(ids)}")
+    groups: list[list[list[int]]] = []
     padded = 0
-    for lab in sorted(by_label):
-        idx = by_label[lab]
+    for members in np.split(order, starts[1:]):
+        idx = members.tolist()
         rng.shuffle(idx)
         if len(idx) < k:
-            idx = idx + [rng.choice(idx) for _ in range(k - len(idx))]
+            idx += [rng.choice(idx) for _ in range(k - len(idx))]
             padded += 1
-        groups[lab] = [idx[j : j + k] for j in range(0, len(idx) - k + 1, k)]
-    avail = sorted(groups)
+        groups.append([idx[j : j + k] for j in range(0, len(idx) - k + 1, k)])
+    avail = list(range(len(groups)))
     batches: list[list[int]] = []
     while len(avail) >= p:
-        chosen = rng.sample(avail, p)
-        batches.append([i for lab in chosen for i in groups[lab].pop()])
-        avail = [lab for lab in avail if groups[lab]]
-    return batches, {"identities": len(by_label), "padded_identities": padded}
+        chosen = sorted(rng.sample(range(len(avail)), p), reverse=True)
+        batch = []
+        for position in chosen:  # descending, so a swap-removal never moves a position still to visit
+            g = avail[position]
+            batch.extend(groups[g].pop())
+            if not groups[g]:
+                avail[position] = avail[-1]
+                avail.pop()
+        batches.append(batch)
+    return batches, {"identities": len(ids), "padded_identities": padded}
 
 
-def chunk_batches(indices: Sequence[int], batch: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled pool cut into full batches (the remainder waits for another epoch)."""
-    pool = list(indices)
-    rng.shuffle(pool)
-    return [pool[j : j + batch] for j in range(0, len(pool) - batch + 1, batch)]
+def _pk(lab: np.ndarray, batch_size: int, rng: np.random.Generator, d: dict, stats: dict) -> np.ndarray:
+    k = d["num_instances"]
+    if batch_size % k:
+        raise ValueError(f"data.batch_size={batch_size} is not a multiple of data.num_instances={k}")
+    batches, pk_stats = pk_batches(lab, batch_size // k, k, random.Random(int(rng.integers(2**62))))
+    stats.update(pk_stats)
+    return np.asarray(batches, dtype=np.int64).reshape(len(batches), batch_size)
+
+
+def _shuffled(pool: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    pool = rng.permutation(pool)
+    steps = len(pool) // batch_size
+    return pool[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _balanced(lab: np.ndarray, batch_size: int, rng: np.random.Generator, d: dict, stats: dict) -> np.ndarray:
+    pool, stats["cap"] = balanced_selection(lab, d["balanced_cap"], d["seed"], d["epoch"])
+    return _shuffled(pool, batch_size, rng)
+
+
+def _random(lab: np.ndarray, batch_size: int, rng: np.random.Generator, d: dict, stats: dict) -> np.ndarray:
+    return _shuffled(np.arange(len(lab)), batch_size, rng)
+
+
+SAMPLERS = {"pk": _pk, "balanced": _balanced, "random": _random}
+"""``data.sampler`` name -> planner ``(labels, batch_size, rng, settings, stats) -> batches [steps, batch_size]``"""
 
 
 def plan_epoch(
-    labels: Sequence[int],
-    shards: Sequence[dict],
+    labels: Sequence[int] | np.ndarray,
     sampler: str,
-    rank_batch: int,
-    world_size: int,
+    batch_size: int,
     seed: int,
     epoch: int,
     num_instances: int = 4,
     balanced_cap: int = 0,
-) -> list[EpochPlan]:
-    """Every rank's plan for ``epoch``, all cut to the same number of batches."""
-    owned = assign_shards([s["count"] for s in shards], world_size, seed, epoch)
-    selected, cap = None, None
-    if sampler == "balanced":
-        keep, cap = balanced_selection(labels, balanced_cap, seed, epoch)
-        selected = np.zeros(len(labels), dtype=bool)
-        selected[keep] = True
-    plans = []
-    for rank, ids in enumerate(owned):
-        rng = random.Random(seed * 1_000_003 + epoch * 1009 + rank)
-        pool = shard_indices(shards, ids)
-        stats: dict = {"pool": len(pool)}
-        if sampler == "pk":
-            if rank_batch % num_instances:
-                raise ValueError(f"per-rank batch {rank_batch} is not a multiple of data.num_instances={num_instances}")
-            try:
-                batches, stats_pk = pk_batches(pool, labels, rank_batch // num_instances, num_instances, rng)
-            except ValueError as exc:
-                raise ValueError(f"rank {rank} (shards {ids}): {exc}; lower data.batch_size or shard_size") from None
-            stats.update(stats_pk)
-        elif sampler == "balanced":
-            pool = [i for i in pool if selected[i]]
-            batches, stats = chunk_batches(pool, rank_batch, rng), {"pool": len(pool), "cap": cap}
-        elif sampler == "random":
-            batches = chunk_batches(pool, rank_batch, rng)
-        else:
-            raise ValueError(f"data.sampler={sampler!r} is not valid; choose one of ['balanced', 'pk', 'random']")
-        plans.append(EpochPlan(ids, batches, stats))
-    n = min(len(p.batches) for p in plans)
-    if n == 0:
+) -> EpochPlan:
+    """The global batches of ``epoch`` (``batch_size`` samples each; the last partial batch waits for another
+    epoch): P x K, class-balanced (under-sampled to ``balanced_cap`` per class) or plain random."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler={sampler!r} is not valid; choose one of {sorted(SAMPLERS)}")
+    lab = np.asarray(labels, dtype=np.int64)
+    stats: dict = {"samples": len(lab)}
+    settings = {"num_instances": num_instances, "balanced_cap": balanced_cap, "seed": seed, "epoch": epoch}
+    out = SAMPLERS[sampler](lab, batch_size, np.random.default_rng([seed, epoch, 11]), settings, stats)
+    if len(out) == 0:
         raise ValueError(
-            f"epoch {epoch}: some rank gets no full batch of {rank_batch} ({[p.stats for p in plans]}); "
-            "lower data.batch_size or use more data"
+            f"epoch {epoch}: the {sampler} sampler makes no full batch of data.batch_size={batch_size} from "
+            f"{len(lab)} samples ({stats}); lower data.batch_size or use more data"
         )
-    for p in plans:
-        p.stats["dropped_batches"] = len(p.batches) - n
-        p.batches = p.batches[:n]
-    return plans
+    stats["pool"] = int(out.size)
+    return EpochPlan(out, stats)
+
+
+def micro_batch_size(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Samples of one rank's micro-batch; a clear error when the global batch does not divide."""
+    if batch_size % (world_size * grad_accum):
+        raise ValueError(
+            f"data.batch_size={batch_size} (the global batch per optimizer step) is not divisible by "
+            f"{world_size} process(es) x optim.grad_accum={grad_accum}"
+        )
+    return batch_size // (world_size * grad_accum)
+
+
+def rank_slice(batch: np.ndarray, rank: int, world_size: int, grad_accum: int, micro: int) -> slice:
+    """Positions within a global batch of rank ``rank``'s micro-batch ``micro``."""
+    size = micro_batch_size(len(batch), world_size, grad_accum)
+    start = (rank * grad_accum + micro) * size
+    return slice(start, start + size)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,7 +98,9 @@ class ShardSink:
         final = self.out_dir / name
         os.replace(self._tmp, final)
         first = self.count - self._in_shard
-        self.shards.append({"file": name, "count": self._in_shard, "first_index": first, "sha256": sha256_file(final)})
+        members = index_members(final, self.split, first, self._in_shard)
+        entry = {"file": name, "count": self._in_shard, "first_index": first, "sha256": sha256_file(final)}
+        self.shards.append({**entry, "members": members})
         self._writer, self._file, self._in_shard = None, None, 0
 
     def close(self) -> list[dict]:
@@ -105,6 +108,23 @@ class ShardSink:
         if self._writer is not None:
             self._close_shard()
         return self.shards
+
+
+def index_members(path: str | Path, split: str, first: int, count: int) -> list[list[int]]:
+    """Where each sample's members lie in a shard: ``[jpg offset, jpg size, json offset, json size]`` in bytes.
+
+    Read from the tar headers (Python's ``tarfile``), so random access by sample index needs no scan at training
+    time; a shard whose members are not the samples ``first .. first + count - 1`` in order is a ValueError.
+    """
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            members.setdefault(key, {})[ext] = (info.offset_data, info.size)
+    expected = [sample_key(split, first + i) for i in range(count)]
+    if list(members) != expected or any(set(m) != {"jpg", "json"} for m in members.values()):
+        raise ValueError(f"shard {path}: members are not the samples {expected[:1]}..{expected[-1:]} as jpg + json")
+    return [[*members[k]["jpg"], *members[k]["json"]] for k in expected]
 
 
 def remove_stale(out_dir: Path, keep: set[str], splits: list[str]) -> None:

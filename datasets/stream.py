@@ -1,17 +1,15 @@
-"""Streaming loaders over the tar shards: identity-aware training batches and exactly-once evaluation.
+"""Streaming loaders over the tar shards: the training stream of one rank, and exactly-once evaluation.
 
-Design (training). Identity-aware batching needs to know every sample's label before it sees the image, so
-the epoch is *planned* from the manifest's per-sample label list (``datasets.samplers.plan_epoch``): the
-shards are dealt to ranks (a seeded shuffle that rotates every epoch: the node split), each rank cuts its
-shards' samples into P x K / class-balanced / random batches, and all ranks keep the same number of batches,
-so DDP never waits on a rank that ran dry. Within a rank, whole batches are dealt to the DataLoader workers
-round-robin (batch ``b`` to worker ``b % W``); each worker streams the rank's shards once with webdataset's tar
-iterators (sha256 and sample counts checked), keeps in memory the JPEG bytes of the samples of *its* batches
-(about split size / (ranks x workers)), then decodes and augments each of its batches
-(``datasets.transforms.BatchAugment``) straight into one of its shared-memory buffers, reused round-robin
-(``_BatchRing``). The DataLoader returns worker outputs round-robin, which is plan order, so the main process
-forwards each batch without copying it; a buffer is rewritten only once the consumer has dropped the batch.
-Decoding and augmentation, the expensive work, are split exactly by rank and worker.
+Training. Each epoch's plan (``datasets.samplers.plan_epoch``) is a list of global batches of sample indices, a
+pure function of (manifest, seed, epoch). Rank ``r`` takes its slice of every global batch, cut into
+``optim.grad_accum`` micro-batches (``rank_slice``). A stock ``torch.utils.data.DataLoader`` with persistent
+workers runs ``MicroBatches``: the main process hands each worker whole micro-batches (their sample indices);
+the worker reads each sample with one ``pread`` at the offset the manifest records
+(``datasets.shard_index.SampleReader``), decodes it and augments the micro-batch at once
+(``datasets.transforms.BatchAugment``), each image seeded by (seed, epoch, step, position in the global batch).
+So a micro-batch depends on nothing but its key: any world size, any worker count and a resume that starts at
+(epoch, step) directly all see the same samples and augmentation. Memory stays bounded whatever the size of the
+split: the plan, an int64 index table and the micro-batches in flight (the OS page cache does the caching).
 
 Evaluation. The split's shards go to ranks (``rank::world_size``) and then to workers; with fewer shards than
 ranks every rank reads all shards and keeps the samples with ``index % world_size == rank``. Each sample
@@ -21,42 +19,57 @@ comes exactly once, unaugmented, with its ``index`` so consumers can restore the
 from __future__ import annotations
 
 import atexit
-import bisect
+import functools
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import signal
-import time
-import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from configs import ExperimentConfig
-from datasets.samplers import EpochPlan, plan_epoch
-from datasets.shards import iter_shard, read_manifest, split_entry
+from datasets.samplers import EpochPlan, micro_batch_size, plan_epoch, rank_slice
+from datasets.shard_index import SampleReader, member_table, verify_once
+from datasets.shards import iter_shard, read_manifest, sample_key, split_entry
 from datasets.transforms import BatchAugment, decode, eval_transform
 
 log = logging.getLogger(__name__)
 
 META_KEYS = ("label", "identity", "camera", "index")
-PREFETCH = 2  # batches each worker prepares ahead (the DataLoader's prefetch_factor)
-TRAIN_KEYS = ("image", "label", "identity", "camera")
+PREFETCH = 2  # micro-batches each worker prepares ahead (the DataLoader's prefetch_factor)
+
+_EXITING = multiprocessing.RawValue("b", 0)  # set when this interpreter exits: workers may then stop on SIGTERM
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+@atexit.register  # registered after multiprocessing's exit hook, so it runs first: before that hook's terminate()
+def _exiting() -> None:
+    _EXITING.value = 1
+
+
+def _on_sigterm(exiting, signum, frame) -> None:
+    if exiting.value:  # the trainer is exiting and multiprocessing terminates its workers
+        os._exit(0)
+
+
+def _worker_init(exiting, _worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR2 to the trainer, which saves its state before stopping.
 
     SLURM signals every process of a job step on preemption; a worker that died of it would crash the
-    training loop before the trainer could write its resumable state. Orphaned workers still exit: torch's
-    worker watchdog stops them when the main process is gone.
+    training loop before the trainer could write its resumable state. At interpreter exit (``exiting`` set),
+    SIGTERM stops a worker again, so workers left alive by an error never block the exit; orphaned workers
+    exit through torch's watchdog.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, exiting))
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+_WORKER_INIT = functools.partial(_worker_init, _EXITING)
 
 
 def _expand(urls: dict[str, dict], shards_dir: str) -> Callable[[Iterator[dict]], Iterator[dict]]:
@@ -70,8 +83,8 @@ def _expand(urls: dict[str, dict], shards_dir: str) -> Callable[[Iterator[dict]]
     return stage
 
 
-def _metadata(metas: list[dict]) -> dict:
-    return {k: torch.tensor([m[k] for m in metas], dtype=torch.long) for k in META_KEYS}
+def _metadata(metas: list[dict], keys=META_KEYS) -> dict:
+    return {k: torch.tensor([m[k] for m in metas], dtype=torch.long) for k in keys}
 
 
 def _collate(images: list[torch.Tensor], metas: list[dict], height: int, width: int) -> dict:
@@ -80,310 +93,150 @@ def _collate(images: list[torch.Tensor], metas: list[dict], height: int, width: 
     return batch
 
 
-def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float tensor in shared memory, untouched until written (what torch's collate makes in workers)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(shape)
+class MicroBatches(Dataset):
+    """Map-style dataset whose items are whole micro-batches: ``dataset[(epoch, step, micro, offset, indices)]``.
 
-
-def _use_count(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) hold ``tensor``'s memory."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
-
-
-FREE, FILLED, KEPT = 0, 1, 2
-
-
-class _BatchRing:
-    """Shared-memory batch buffers, ``depth`` per worker, reused round-robin.
-
-    Batch ``b`` is written by worker ``b % W`` into its slot ``(b // W) % depth``. A fresh shared-memory tensor
-    per batch (what a DataLoader's collate makes) costs a page fault per 4 KiB page on first touch, which on
-    these VMs is more than the augmentation of a 256x128 crop; reusing the buffers removes that. The main
-    process frees the slot of batch ``b`` when the consumer asks for batch ``b + 2`` (by then a ``for`` loop's
-    variable has moved on), unless the consumer still holds the image or a view of it: then the slot is KEPT
-    for good and its batches go to fresh shared memory instead, so a batch never changes under a consumer
-    that keeps it. With ``depth = prefetch + 2`` a worker never waits for a slot. Created before the workers
-    fork: both sides share the buffers and the states.
+    ``offset`` is the position of the first sample in its global batch: sample ``b`` is augmented with the seed
+    (seed, epoch, step, offset + b).
     """
 
-    def __init__(self, workers: int, depth: int, shape: tuple[int, ...]) -> None:
-        self.workers, self.depth = max(workers, 1), depth
-        self.slots = [[_shared_empty(shape) for _ in range(depth)] for _ in range(self.workers)]
-        self.base = _use_count(self.slots[0][0])  # the ring's own references
-        self.state = torch.zeros(self.workers, depth, dtype=torch.uint8).share_memory_()
-
-    def slot(self, number: int) -> tuple[int, int]:
-        return number % self.workers, (number // self.workers) % self.depth
-
-    def acquire(self, number: int, size: int, control: torch.Tensor, generation: int) -> torch.Tensor | None:
-        """(worker side) The slot of batch ``number``; a fresh tensor if the consumer kept the slot; None when
-        the epoch this worker is writing for has ended (``control[1]`` moved past ``generation``)."""
-        w, s = self.slot(number)
-        parent = os.getppid()
-        while self.state[w, s] == FILLED:
-            if int(control[1]) != generation:
-                return None
-            if os.getppid() != parent:  # the main process died while we waited: stop as torch's watchdog does
-                raise SystemExit(0)
-            time.sleep(1e-4)
-        if self.state[w, s] == KEPT:
-            return _shared_empty((size, *self.slots[w][s].shape[1:]))
-        self.state[w, s] = FILLED
-        return self.slots[w][s][:size]
-
-    def reset(self, worker: int) -> None:
-        """(worker side, at the start of an epoch) Batches of an ended epoch no longer need their slots."""
-        row = self.state[worker]
-        row[row == FILLED] = FREE
-
-    def keep_held(self) -> None:
-        """(main side, before an epoch starts) Slots whose image the consumer still holds are KEPT."""
-        for w in range(self.workers):
-            for s in range(self.depth):
-                if self.state[w, s] == FILLED and self._held(w, s):
-                    self.state[w, s] = KEPT
-
-    def view(self, number: int, size: int) -> torch.Tensor:
-        w, s = self.slot(number)
-        return self.slots[w][s][:size]
-
-    def release(self, number: int) -> None:
-        """(main side) The consumer moved past batch ``number``: free its slot unless it still holds the image."""
-        if number < 0:
-            return
-        w, s = self.slot(number)
-        if self.state[w, s] == FILLED:
-            self.state[w, s] = KEPT if self._held(w, s) else FREE
-
-    def _held(self, w: int, s: int) -> bool:
-        """Does anyone beyond the ring itself still hold slot ``(w, s)`` (the batch tensor or a view of it)?"""
-        return _use_count(self.slots[w][s]) > self.base
-
-
-def _batch_seed(seed: int, epoch: int, rank: int, number: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank, number]).generate_state(1)[0])
-
-
-def _plan(cfg: ExperimentConfig, entry: dict, rank: int, world_size: int, epoch: int) -> EpochPlan:
-    d = cfg.data
-    plans = plan_epoch(
-        entry["labels"],
-        entry["shards"],
-        d.sampler,
-        d.batch_size // world_size,
-        world_size,
-        cfg.train.seed,
-        epoch,
-        d.num_instances,
-        d.balanced_cap,
-    )
-    return plans[rank]
-
-
-class _TrainBatches(IterableDataset):
-    """Per worker and epoch: plan the epoch (the same plan as the main process), fetch the samples of this
-    worker's batches (every W-th) from its cache or from their shards, write each batch into the ring.
-
-    The epoch comes from ``control[0]``, set by the main process before it starts the epoch. A batch's
-    augmentation is seeded from (seed, epoch, rank, batch number) alone, so it does not depend on the worker's
-    history: a run resumed with fresh workers gets the very same batches. Samples read from shards (sha256
-    and counts verified on every read) stay cached in the worker up to ``data.cache_mb``; later epochs read
-    only the shards that hold samples missing from the cache.
-    """
-
-    def __init__(self, cfg: ExperimentConfig, entry: dict, rank: int, world_size: int, ring, control) -> None:
-        self.cfg, self.entry, self.rank, self.world_size = cfg, entry, rank, world_size
-        self.ring, self.control = ring, control
+    def __init__(self, cfg: ExperimentConfig, shards: list[dict], table: np.ndarray) -> None:
+        d = cfg.data
+        self.seed, self.split, self.shape = cfg.train.seed, d.train_split, (3, d.height, d.width)
+        self.reader = SampleReader(d.shards, shards, table, d.cache_mb)
         self.augment = BatchAugment(cfg)
-        self.firsts = [s["first_index"] for s in entry["shards"]]
-        self.cache: dict[int, tuple[bytes, dict]] = {}
-        self.cache_left = cfg.data.cache_mb * 2**20
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, generation = int(self.control[0]), int(self.control[1])
-        self.ring.reset(worker)
-        plan = _plan(self.cfg, self.entry, self.rank, self.world_size, epoch)
-        mine = range(worker, len(plan.batches), workers)
-        held = self._fetch({i for b in mine for i in plan.batches[b]})
-        for number in mine:
-            if int(self.control[1]) != generation:  # the consumer ended this epoch: skip its remaining batches
-                return
-            batch = [held[i] for i in plan.batches[number]]
-            images = [decode(jpg) for jpg, _ in batch]
-            out = self.ring.acquire(number, len(batch), self.control, generation)
-            if out is None:
-                return
-            with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone when there are no workers
-                # the CPU generator only (what the augmentation draws from): torch.manual_seed would also
-                # reseed the caller's CUDA generators, which fork_rng(devices=[]) does not restore
-                torch.default_generator.manual_seed(_batch_seed(self.cfg.train.seed, epoch, self.rank, number))
-                self.augment(images, out)
-            item = {**_metadata([meta for _, meta in batch]), "batch": number, "size": len(batch)}
-            if not _in_ring(self.ring, number, out):
-                item["image"] = out
-            del out  # (no workers) a reference held here would count as the consumer's
-            yield item
+    def __getitem__(self, key: tuple) -> dict:
+        epoch, step, micro, offset, indices = key
+        samples = [self.reader.read(i) for i in indices]
+        images = [self._decode(i, jpg) for i, (jpg, _) in zip(indices, samples)]
+        seeds = [(self.seed, epoch, step, offset + b) for b in range(len(indices))]
+        out = torch.empty((len(indices), *self.shape))
+        if get_worker_info() is not None:
+            out.share_memory_()  # written once, in the shared memory the batch travels in (no copy on the way)
+        batch = _metadata([meta for _, meta in samples], ("label", "identity", "camera"))
+        batch.update(image=self.augment(images, seeds, out), key=[sample_key(self.split, i) for i in indices])
+        return {**batch, "epoch": epoch, "step": step, "micro": micro}
 
-    def _fetch(self, needed: set[int]) -> dict[int, tuple[bytes, dict]]:
-        held = {i: self.cache[i] for i in needed if i in self.cache}
-        shard_ids = sorted({bisect.bisect_right(self.firsts, i) - 1 for i in needed - held.keys()})
-        for sid in shard_ids:
-            for sample in iter_shard(self.cfg.data.shards, self.entry["shards"][sid]):
-                index = int(sample["__key__"].rsplit("_", 1)[1])  # keys are datasets.shards.sample_key
-                item = (sample["jpg"], json.loads(sample["json"]))
-                if index in needed:
-                    held[index] = item
-                if index not in self.cache and len(item[0]) + 512 <= self.cache_left:
-                    self.cache[index] = item
-                    self.cache_left -= len(item[0]) + 512
-        return held
+    def _decode(self, index: int, jpg: bytes):
+        try:
+            return decode(jpg)
+        except Exception as exc:  # PIL's errors name neither the shard nor the sample
+            path = self.reader.paths[int(self.reader.table[index, 0])]
+            key = sample_key(self.split, index)
+            raise ValueError(f"shard {path}: sample {key} is not a readable JPEG: {exc}") from None
 
 
-def _in_ring(ring: _BatchRing, number: int, out: torch.Tensor) -> bool:
-    w, s = ring.slot(number)
-    return out.data_ptr() == ring.slots[w][s].data_ptr()
+class _PlanKeys(Sampler):
+    """The micro-batch keys of this rank for steps ``start..`` of one epoch's plan (set before each epoch)."""
 
+    def __init__(self, rank: int, world_size: int, grad_accum: int) -> None:
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.epoch, self.start, self.plan = 0, 0, EpochPlan(np.zeros((0, 0), dtype=np.int64))
 
-def _stop_workers(batches: Iterator | None) -> None:
-    """Stop a DataLoader iterator's workers now: a traceback that holds the iterator would otherwise keep them
-    until interpreter exit, where they (ignoring SIGTERM, see above) delay the exit by minutes."""
-    stop = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator; absent without workers
-    if stop is not None:
-        stop()
+    def __len__(self) -> int:
+        return (len(self.plan.batches) - self.start) * self.grad_accum
 
-
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register  # registered after multiprocessing's own exit hook, so it runs before that one joins the workers
-def _close_live_streams() -> None:
-    for stream in list(_LIVE):
-        stream.close()
+    def __iter__(self) -> Iterator[tuple]:
+        for step in range(self.start, len(self.plan.batches)):
+            batch = self.plan.batches[step]
+            for micro in range(self.grad_accum):
+                part = rank_slice(batch, self.rank, self.world_size, self.grad_accum, micro)
+                yield self.epoch, step, micro, part.start, tuple(batch[part].tolist())
 
 
 class TrainStream:
-    """Training batches of one rank for a whole run; the DataLoader workers persist across epochs.
+    """The training micro-batches of one rank for a whole run; the DataLoader workers persist across epochs.
 
-    ``stream.epoch(e)`` is epoch ``e``'s iterable (``len()`` is the same on every rank). Workers start with the
-    first epoch and keep the samples they read (``data.cache_mb`` each), so later epochs start without a fork
-    and, when the cache holds the split, without reading a shard. ``close()`` stops them (also at exit).
+    ``num_steps(epoch)`` is the number of global batches of an epoch (the same on every rank); ``epoch(e, start)``
+    iterates this rank's micro-batches of steps ``start..`` in order, each a dict with ``image`` (float NCHW,
+    normalised), ``label``, ``identity``, ``camera`` (int64), ``key`` (the samples' shard keys), ``epoch``,
+    ``step`` and ``micro`` (0..grad_accum-1). ``close()`` stops the workers (a later epoch starts new ones).
     """
 
     def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int) -> None:
         d = cfg.data
-        if d.batch_size % world_size:
-            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the world size {world_size}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.entry = split_entry(read_manifest(d.shards), d.train_split, d.shards)
-        first = _plan(cfg, self.entry, rank, world_size, 0)  # P x K errors surface here, before any worker starts
-        self.workers = min(d.num_workers, len(first.batches))  # more workers than batches would idle
-        self.control = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, generation]
-        self.ring = _BatchRing(self.workers, PREFETCH + 2, (d.batch_size // world_size, 3, d.height, d.width))
-        self.dataset = _TrainBatches(cfg, self.entry, rank, world_size, self.ring, self.control)
+        self.cfg, self.rank, self.world_size, self.accum = cfg, rank, world_size, cfg.optim.grad_accum
+        self.micro_size = micro_batch_size(d.batch_size, world_size, self.accum)
+        entry = split_entry(read_manifest(d.shards), d.train_split, d.shards)
+        table = member_table(entry, d.train_split, d.shards)
+        self.labels = np.asarray(entry["labels"], dtype=np.int64)  # numpy, not a list: workers share its pages
+        shards = [{k: s[k] for k in ("file", "count", "first_index", "sha256")} for s in entry["shards"]]
+        del entry
+        verify_once(d.shards, shards)  # once per process; forked workers inherit the result
+        self._plans: dict[int, EpochPlan] = {}
+        self.plan(0)  # P x K errors surface here, before any worker starts
+        if d.sampler == "pk" and self.micro_size % d.num_instances:
+            log.warning(
+                "a micro-batch of %d samples (data.batch_size=%d / %d processes / optim.grad_accum=%d) splits the "
+                "K=%d samples of some identities between micro-batches",
+                self.micro_size, d.batch_size, world_size, self.accum, d.num_instances,
+            )  # fmt: skip
+        self.dataset = MicroBatches(cfg, shards, table)
+        self.keys = _PlanKeys(rank, world_size, self.accum)
         self.loader = self._make_loader()
-        self._batches: Iterator | None = None
-        _LIVE.add(self)
 
     def _make_loader(self) -> DataLoader:
+        workers = self.cfg.data.num_workers
         return DataLoader(
             self.dataset,
-            batch_size=None,
-            num_workers=self.workers,
-            worker_init_fn=_ignore_stop_signals,
-            prefetch_factor=PREFETCH if self.workers else None,
-            persistent_workers=self.workers > 0,
+            batch_size=None,  # items are whole micro-batches
+            sampler=self.keys,
+            num_workers=workers,
+            worker_init_fn=_WORKER_INIT,
+            prefetch_factor=PREFETCH if workers else None,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
 
-    def epoch(self, epoch: int) -> TrainEpoch:
-        return TrainEpoch(self, epoch)
+    def plan(self, epoch: int) -> EpochPlan:
+        """The global batches of ``epoch`` (the last two epochs' plans are kept)."""
+        if epoch not in self._plans:
+            d = self.cfg.data
+            plan = plan_epoch(
+                self.labels, d.sampler, d.batch_size, self.cfg.train.seed, epoch, d.num_instances, d.balanced_cap
+            )
+            if plan.stats.get("padded_identities"):
+                log.warning(
+                    "epoch %d: %d identities have fewer than K=%d samples; their groups are filled by sampling "
+                    "with replacement", epoch, plan.stats["padded_identities"], d.num_instances,
+                )  # fmt: skip
+            self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = plan
+        return self._plans[epoch]
 
-    def start(self, epoch: int) -> Iterator[dict]:
-        self.ring.keep_held()
-        self.control[0] = epoch
-        with torch.random.fork_rng(devices=[]):  # starting workers (or not) must not move the caller's RNG
-            self._batches = iter(self.loader)  # the first call starts the workers, later ones restart them
-        return self._batches
+    def num_steps(self, epoch: int) -> int:
+        """Global batches (optimizer steps) in ``epoch``; the same on every rank."""
+        return len(self.plan(epoch).batches)
 
-    def end_epoch(self) -> None:
-        self.control[1] += 1  # a worker still busy with the ended epoch stops instead of waiting for a slot
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """This rank's micro-batches of steps ``start..num_steps(epoch)-1``, in order; nothing before ``start``
+        is read or decoded."""
+        steps = self.num_steps(epoch)
+        if not 0 <= start <= steps:
+            raise ValueError(f"epoch {epoch} has {steps} steps: cannot start at step {start}")
+        return self._iterate(epoch, start)
+
+    def _iterate(self, epoch: int, start: int) -> Iterator[dict]:
+        self.keys.epoch, self.keys.start, self.keys.plan = epoch, start, self.plan(epoch)
+        with torch.random.fork_rng(devices=[]):  # starting workers draws a base seed: leave the caller's RNG alone
+            batches = iter(self.loader)
+        yield from batches  # the DataLoader returns the workers' results in key order
 
     def close(self) -> None:
-        """Stop the workers (a later epoch starts new ones)."""
-        if self._batches is not None:
-            _stop_workers(self._batches)
-            self._batches = None
-            self.loader = self._make_loader()  # the old one would try to restart the stopped workers
+        """Stop the workers (dropping the DataLoader shuts them down); a later epoch starts new ones."""
+        self.loader = self._make_loader()
+        self.dataset.reader.close()
 
 
-class TrainEpoch:
-    """One epoch of a ``TrainStream``: batches in plan order, ``len()`` equal on every rank."""
-
-    def __init__(self, stream: TrainStream, epoch: int, one_shot: bool = False) -> None:
-        self.stream, self.epoch, self.one_shot = stream, epoch, one_shot
-        self.plan = _plan(stream.cfg, stream.entry, stream.rank, stream.world_size, epoch)
-        self.stats = self.plan.stats
-        if self.stats.get("padded_identities"):
-            log.warning(
-                "rank %d epoch %d: %d identities have fewer than K=%d samples in this rank's shards; their groups "
-                "are filled by sampling with replacement",
-                stream.rank,
-                epoch,
-                self.stats["padded_identities"],
-                stream.cfg.data.num_instances,
-            )
-        if self.stats.get("dropped_batches"):
-            log.info(
-                "rank %d epoch %d: %d of this rank's batches left out so every rank has %d (the shards' samples "
-                "are dealt to ranks unevenly; smaller data.prepare.shard_size evens them)",
-                stream.rank,
-                epoch,
-                self.stats["dropped_batches"],
-                len(self.plan.batches),
-            )
-
-    def __len__(self) -> int:
-        return len(self.plan.batches)
-
-    def __iter__(self) -> Iterator[dict]:
-        """Batches in plan order. A batch's image lives in a reused buffer that is rewritten only after the
-        consumer has dropped it (see ``_BatchRing``)."""
-        stream, ring, rank = self.stream, self.stream.ring, self.stream.rank
-        batches, count = stream.start(self.epoch), 0
-        try:
-            for batch in batches:  # the DataLoader cycles over the workers: batch b comes from worker b % W, in order
-                if batch["batch"] != count:
-                    raise RuntimeError(f"train stream lost sync at batch {count} (rank {rank}, epoch {self.epoch})")
-                if "image" not in batch:
-                    batch["image"] = ring.view(count, batch["size"])
-                item = {k: batch[k] for k in TRAIN_KEYS}
-                del batch
-                count += 1
-                yield item
-                del item
-                ring.release(count - 2)  # the consumer asked for batch count: it is done with count - 2
-        except GeneratorExit:  # the consumer stopped early: the workers stay for the next epoch
-            raise
-        except BaseException:
-            stream.close()
-            raise
-        finally:
-            stream.end_epoch()
-            if self.one_shot:
-                stream.close()
-        if count != len(self):
-            raise RuntimeError(f"train stream ended after {count} of {len(self)} batches (rank {rank})")
-
-
-def train_loader(cfg: ExperimentConfig, rank: int, world_size: int, epoch: int) -> TrainEpoch:
-    """One epoch of training batches of ``cfg.data.batch_size // world_size`` for ``rank``, with workers of its
-    own (stopped at the end). A training run uses one ``TrainStream`` for all epochs instead."""
-    return TrainEpoch(TrainStream(cfg, rank, world_size), epoch, one_shot=True)
+def train_loader(cfg: ExperimentConfig, rank: int, world_size: int, epoch: int, start: int = 0) -> list[dict]:
+    """All micro-batches of ``rank`` in ``epoch`` from step ``start`` on, from a stream of their own (tests and
+    benchmarks; a training run keeps one ``TrainStream`` for all epochs)."""
+    stream = TrainStream(cfg, rank, world_size)
+    try:
+        return list(stream.epoch(epoch, start))
+    finally:
+        stream.close()
 
 
 class EvalLoader:
@@ -413,13 +266,8 @@ class EvalLoader:
         self.dataset = wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(
-            DataLoader(self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_ignore_stop_signals)
-        )
-        try:
-            yield from batches
-        finally:
-            _stop_workers(batches)
+        # the DataLoader and its workers go when this generator ends (workers left by an error stop at exit)
+        yield from DataLoader(self.dataset, batch_size=None, num_workers=self.workers, worker_init_fn=_WORKER_INIT)
 
 
 def eval_loader(cfg: ExperimentConfig, split: str, rank: int = 0, world_size: int = 1) -> EvalLoader:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -74,42 +75,56 @@ class BatchAugment:
     """A batch of PIL images -> normalised FloatTensor[B, 3, H, W], augmented like ``train_transform``.
 
     Per image: resize (PIL, as torchvision does), then flip and pad + random crop in one slice copy into a
-    zeroed uint8 batch (the crop is an offset into the zero-padded canvas), then colour jitter (torchvision's,
-    per image, on the uint8 crop). Per batch: one float conversion + normalisation, bit-identical to
-    ToDtype(scale=True) + Normalize; then random erasing per image with torchvision's box rule, value 0.
-    Random draws come from a numpy generator seeded from torch's RNG, so DataLoader worker seeding applies.
+    zeroed uint8 batch (the crop is an offset into the zero-padded canvas), then colour jitter (torchvision's
+    brightness / contrast / saturation functions in a random order, factors drawn as ``ColorJitter`` draws them)
+    on the uint8 crop. Per batch: one float conversion + normalisation, bit-identical to ToDtype(scale=True) +
+    Normalize; then random erasing per image with torchvision's box rule, value 0.
+
+    Each image draws from its own generator, seeded by ``seeds[b]`` (the stream passes (seed, epoch, step,
+    position in the global batch), so an image's augmentation does not depend on how the batch was split);
+    without seeds they come from torch's RNG, so ``torch.manual_seed`` applies.
     """
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         d, a = cfg.data, cfg.data.augment
         self.height, self.width, self.a = d.height, d.width, a
-        j = a.color_jitter
-        self.jitter = v2.ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
         self.mean = torch.tensor(a.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(a.std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, images: list[Image.Image], out: torch.Tensor | None = None) -> torch.Tensor:
-        """Augment ``images`` into ``out`` (a new tensor when None; pass one in shared memory to avoid a copy)."""
+    def __call__(
+        self, images: list[Image.Image], seeds: Sequence | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Augment ``images`` into ``out`` (a new tensor when None)."""
         n, h, w, pad = len(images), self.height, self.width, self.a.pad
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        flips = rng.random(n) < self.a.flip_p
-        tops, lefts = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (n,)).tolist()
+        rngs = [np.random.default_rng(s) for s in seeds]
         canvas = self._canvas(n)
-        for b, img in enumerate(images):
+        for b, (img, rng) in enumerate(zip(images, rngs)):
             if img.size != (w, h):
                 img = F.resize(img, [h, w], interpolation=v2.InterpolationMode.BILINEAR)
-            self._paste(canvas[b], np.asarray(img), bool(flips[b]), int(tops[b]) - pad, int(lefts[b]) - pad)
-            if self.jitter is not None:
-                canvas[b] = self.jitter(torch.from_numpy(canvas[b])).numpy()
+            flip = bool(rng.random() < self.a.flip_p)
+            top, left = (int(v) - pad for v in rng.integers(0, 2 * pad + 1, 2))
+            self._paste(canvas[b], np.asarray(img), flip, top, left)
+            if self.a.color_jitter > 0:
+                canvas[b] = self._jitter(torch.from_numpy(canvas[b]), rng).numpy()
         out = torch.empty((n, 3, h, w), dtype=torch.float32) if out is None else out
         out.copy_(torch.from_numpy(canvas))
         out.mul_(1.0 / 255).sub_(self.mean).div_(self.std)
-        for b in range(n):
+        for b, rng in enumerate(rngs):
             box = erase_box(rng, h, w) if rng.random() < self.a.erasing_p else None
             if box is not None:
                 i, j, eh, ew = box
                 out[b, :, i : i + eh, j : j + ew] = 0.0
         return out
+
+    def _jitter(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """torchvision's ColorJitter(brightness=j, contrast=j, saturation=j) with its draws from ``rng``."""
+        j = self.a.color_jitter
+        adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+        for fn in rng.permutation(3):
+            img = adjust[fn](img, float(rng.uniform(max(0.0, 1 - j), 1 + j)))
+        return img
 
     def _canvas(self, n: int) -> np.ndarray:
         """The zeroed uint8 batch, reused between calls (fresh memory costs a page fault per 4 KiB)."""

@@ -32,20 +32,25 @@ SCRIPT = textwrap.dedent(
         return captured["model"]
     setup.build_model = capture
 
-    class Loader:
-        # the same global batch of 16 (4 identities x 4) at each step; rank r takes the r-th slice
-        def __init__(self, cfg, rank, world, epoch):
-            self.rank, self.world, self.epoch = rank, world, epoch
-        def __len__(self):
+    class Stream:
+        # the same global batch (data.batch_size, identities of 4) at each step; rank r takes the r-th slice,
+        # cut into optim.grad_accum micro-batches, as datasets.stream.TrainStream does
+        def __init__(self, cfg, rank, world):
+            self.cfg, self.rank, self.world = cfg, rank, world
+        def num_steps(self, epoch):
             return 3
-        def __iter__(self):
-            for step in range(3):
-                g = torch.Generator().manual_seed(1000 * self.epoch + step)
-                images = torch.randn(16, 3, 32, 32, generator=g)
-                labels = torch.arange(4).repeat_interleave(4) + 4 * (step % 2)
-                per = 16 // self.world
-                part = slice(self.rank * per, (self.rank + 1) * per)
-                yield {"image": images[part], "label": labels[part]}
+        def epoch(self, epoch, start=0):
+            size, accum = self.cfg.data.batch_size, self.cfg.optim.grad_accum
+            per = size // (self.world * accum)
+            for step in range(start, 3):
+                g = torch.Generator().manual_seed(1000 * epoch + step)
+                images = torch.randn(size, 3, 32, 32, generator=g)
+                labels = (torch.arange(size // 4).repeat_interleave(4) + 4 * (step % 2)) % 8
+                for micro in range(accum):
+                    part = slice((self.rank * accum + micro) * per, (self.rank * accum + micro + 1) * per)
+                    yield {"image": images[part], "label": labels[part]}
+        def close(self):
+            pass
 
     cfg = load_config("retr_demo", [
         "model.backbone=test_vit", "model.neck=none", "data.height=32", "data.width=32",
@@ -54,7 +59,7 @@ SCRIPT = textwrap.dedent(
         "eval.enabled=false", "checkpoint.every_steps=100", *sys.argv[2:],
     ])
     try:
-        run(cfg, run_dir=os.path.join(out, "run"), loader_fn=Loader, num_classes=8,
+        run(cfg, run_dir=os.path.join(out, "run"), stream_fn=Stream, num_classes=8,
             max_steps=int(os.environ.get("TEST_MAX_STEPS", "0")), resume=os.environ.get("TEST_RESUME"))
     except Stopped:
         pass
@@ -158,7 +163,7 @@ def test_deepspeed_gradient_accumulation_with_center_loss_matches_ddp(tmp_path):
     pytest.importorskip("transformers")
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    accum = ["optim.grad_accum=3", "schedule.iters_per_epoch=1"]
+    accum = ["optim.grad_accum=3", "data.batch_size=24", "schedule.iters_per_epoch=1"]
     ds = f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"
     _torchrun(2, tmp_path / "ddp", script, *accum)
     _torchrun(2, tmp_path / "ds", script, *accum, ds, deepspeed=True)

@@ -9,7 +9,7 @@ import torch
 
 from configs import load_config
 from datasets.prepare import main as prepare_main
-from datasets.stream import train_loader
+from datasets.stream import TrainStream
 from trainers import checkpoint as ckpt
 from trainers.retrieval import Stopped, run
 from trainers.setup import check_data
@@ -100,41 +100,39 @@ def test_signal_writes_state_and_resume_is_exact(shards, reference, tmp_path):
     """SIGUSR2 in the middle of a step: the state is written at the next step boundary, then exit 128+12."""
     calls = {"n": 0}
 
-    def loader(cfg, rank, world, epoch):
-        for batch in train_loader(cfg, rank, world, epoch):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                os.kill(os.getpid(), signal.SIGUSR2)
-            yield batch
+    def edit(i, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return batch
 
-    loader_fn = _Sized(loader)
     with pytest.raises(Stopped) as stopped:
-        run(_cfg(shards), run_dir=str(tmp_path / "sig"), loader_fn=loader_fn, num_classes=24)
+        run(_cfg(shards), run_dir=str(tmp_path / "sig"), stream_fn=_Edited(edit), num_classes=24)
     assert stopped.value.code == 128 + signal.SIGUSR2
     assert ckpt.list_states(tmp_path / "sig" / "checkpoints")[-1].name == "state-000000002.pt"
     run(_cfg(shards), run_dir=str(tmp_path / "sig"), resume="auto")
     _assert_same(reference, _final_weights(tmp_path / "sig"))
 
 
-class _Sized:
-    """A loader_fn whose loader has the stream's length."""
+class _Edited:
+    """A stream_fn: the real TrainStream, each micro-batch passed through ``edit(index in its epoch, batch)``."""
 
-    def __init__(self, gen):
-        self.gen = gen
+    def __init__(self, edit):
+        self.edit = edit
 
-    def __call__(self, cfg, rank, world, epoch):
-        return _Len(self.gen(cfg, rank, world, epoch), len(train_loader(cfg, rank, world, epoch)))
+    def __call__(self, cfg, rank, world):
+        self.stream = TrainStream(cfg, rank, world)
+        return self
 
+    def num_steps(self, epoch):
+        return self.stream.num_steps(epoch)
 
-class _Len:
-    def __init__(self, it, n):
-        self.it, self.n = it, n
+    def epoch(self, epoch, start=0):
+        for i, batch in enumerate(self.stream.epoch(epoch, start)):
+            yield self.edit(i, batch)
 
-    def __iter__(self):
-        return iter(self.it)
-
-    def __len__(self):
-        return self.n
+    def close(self):
+        self.stream.close()
 
 
 def test_resume_with_changed_config_says_what_changed(shards, tmp_path):
@@ -148,27 +146,26 @@ def test_resume_with_changed_config_says_what_changed(shards, tmp_path):
 
 def test_nan_loss_is_skipped_then_stops(shards, tmp_path, caplog):
     def poisoned(every):
-        def loader(cfg, rank, world, epoch):
-            for i, batch in enumerate(train_loader(cfg, rank, world, epoch)):
-                if i % every == 0:
-                    batch["image"] = torch.full_like(batch["image"], float("nan"))
-                yield batch
+        def edit(i, batch):
+            if i % every == 0:
+                batch["image"] = torch.full_like(batch["image"], float("nan"))
+            return batch
 
-        return _Sized(loader)
+        return _Edited(edit)
 
-    result = run(_cfg(shards), run_dir=str(tmp_path / "one"), loader_fn=poisoned(3), num_classes=24)
+    result = run(_cfg(shards), run_dir=str(tmp_path / "one"), stream_fn=poisoned(3), num_classes=24)
     assert result["global_step"] == 6
     assert "non-finite loss" in caplog.text and "step skipped (1 in a row)" in caplog.text
     weights = _final_weights(tmp_path / "one")
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
     with pytest.raises(FloatingPointError, match=r"non-finite 2 steps in a row \(loss.max_nan_steps=2\)"):
-        run(_cfg(shards, "loss.max_nan_steps=2"), run_dir=str(tmp_path / "all"), loader_fn=poisoned(1), num_classes=24)
+        run(_cfg(shards, "loss.max_nan_steps=2"), run_dir=str(tmp_path / "all"), stream_fn=poisoned(1), num_classes=24)
 
 
 def test_bad_batch_composition():
     manifest = {"splits": {"train": {"num_classes": 24}}}
-    with pytest.raises(ValueError, match=r"per-process batch data.batch_size/2=10 is not a multiple"):
-        check_data(_pk(20, 4), manifest, 2)
+    with pytest.raises(ValueError, match=r"batch_size=20 .* not divisible by 3 process\(es\) x optim.grad_accum=1"):
+        check_data(_pk(20, 4), manifest, 3)
     with pytest.raises(ValueError, match=r"24 identities but a batch needs P=32"):
         check_data(_pk(128, 4), manifest, 1)
 

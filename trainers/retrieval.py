@@ -114,8 +114,8 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
     if changes:
         raise ValueError(f"--resume {path}: the config changed since that state was written: {'; '.join(changes)}")
     if state["world_size"] != accelerator.num_processes:
-        log.warning("resuming with %d processes, the state was written with %d: the data order will differ",
-                    accelerator.num_processes, state["world_size"])  # fmt: skip
+        log.info("resuming with %d processes, the state was written with %d: the global batches stay the same",
+                 accelerator.num_processes, state["world_size"])  # fmt: skip
     try:
         parts.raw_model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -205,30 +205,27 @@ def skip_nan_step(parts: Parts, cfg: ExperimentConfig, prog: Progress, terms: di
     return None
 
 
-def epoch_batches(loader_fn, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress, rng: dict | None):
-    """This epoch's batch iterator, positioned after the ``prog.batch_in_epoch`` batches already consumed.
+def epoch_batches(stream, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress, rng: dict | None):
+    """This epoch's micro-batch iterator, starting after the ``prog.batch_in_epoch`` micro-batches already consumed
+    (states are written at step boundaries), and the epoch's number of micro-batches.
 
-    The stream's augmentation draws from generators seeded here from (seed, epoch, rank), so skipping the
-    consumed batches and then restoring the saved RNG state continues the run exactly.
+    The stream starts at that step directly; its augmentation is seeded by (seed, epoch, step, position), so only
+    the trainer's own RNG needs restoring: seeded here from (seed, epoch, rank), then the saved state mid-epoch.
     """
-    rank, world = accelerator.process_index, accelerator.num_processes
-    ckpt.seed_everything(cfg.train.seed * 1_000_003 + prog.epoch * 1009 + rank)
-    loader = loader_fn(cfg, rank, world, prog.epoch)
-    length = len(loader)
-    batches = iter(loader)
-    for _ in range(prog.batch_in_epoch):
-        next(batches)
+    accum = cfg.optim.grad_accum
+    ckpt.seed_everything(cfg.train.seed * 1_000_003 + prog.epoch * 1009 + accelerator.process_index)
+    batches = stream.epoch(prog.epoch, prog.batch_in_epoch // accum)
     if rng is not None and prog.batch_in_epoch > 0:
         # mid-epoch: continue from the saved RNG; a state from an epoch's end (batch 0 of the next) has none to
         # restore: the uninterrupted run reseeds here too
         ckpt.set_rng_state(rng)
-    return batches, length
+    return batches, stream.num_steps(prog.epoch) * accum
 
 
-def train_epoch(loader_fn, parts, cfg, accelerator, prog, run_dir, flag, max_steps, rng=None) -> None:
+def train_epoch(stream, parts, cfg, accelerator, prog, run_dir, flag, max_steps, rng=None) -> None:
     """Run the rest of ``prog.epoch``; raise ``Stopped`` after saving state on a signal or at ``max_steps``."""
     accum = cfg.optim.grad_accum
-    batches, length = epoch_batches(loader_fn, cfg, accelerator, prog, rng)
+    batches, length = epoch_batches(stream, cfg, accelerator, prog, rng)
     # the P x K plan's length varies a little per epoch: a shorter epoch ends early
     total_batches = min(parts.steps_per_epoch, length // accum) * accum
     parts.model.train()
@@ -344,18 +341,18 @@ def run(
     run_dir: str | None = None,
     resume: str | None = None,
     max_steps: int = 0,
-    loader_fn=None,
+    stream_fn=None,
     num_classes: int = 0,
 ) -> dict:
     """Train (and evaluate) ``cfg``; return the final metrics.
 
-    ``loader_fn(cfg, rank, world_size, epoch)`` defaults to the epochs of one ``datasets.stream.TrainStream``
-    (workers that persist across epochs); another one (tests) must come with its ``num_classes``.
+    ``stream_fn(cfg, rank, world_size)`` defaults to ``datasets.stream.TrainStream`` (its workers persist across
+    epochs); another one (tests), with the same ``num_steps`` / ``epoch`` / ``close``, comes with its
+    ``num_classes``.
     """
     from datasets.prepare import ensure_shards
     from datasets.stream import TrainStream
 
-    stream = None
     accelerator = make_accelerator(cfg, resolve_run_dir(cfg, run_dir))
     run_path = Path(broadcast_object_list([str(resolve_run_dir(cfg, run_dir))])[0])
     resolved = resolved_optim(cfg, accelerator.num_processes)
@@ -369,19 +366,16 @@ def run(
     log.info("global batch %d, lr %.4g (optim.lr=%.4g, optim.lr_scaling=%s, optim.reference_batch=%d)",
              resolved["global_batch"], resolved["lr"], cfg.optim.lr, cfg.optim.lr_scaling,
              cfg.optim.reference_batch)  # fmt: skip
-    if loader_fn is None:
+    if stream_fn is None:
+        stream_fn = TrainStream
         with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
             manifest = ensure_shards(cfg)
         num_classes = check_data(cfg, manifest, accelerator.num_processes)
         splits = [cfg.data.train_split, cfg.data.query_split, cfg.data.gallery_split]
         log.info("\n%s", manifest_table(manifest, splits, title=cfg.data.shards))
-        stream = TrainStream(cfg, accelerator.process_index, accelerator.num_processes)
-
-        def loader_fn(cfg, rank, world_size, epoch):
-            return stream.epoch(epoch)
-
+    stream = stream_fn(cfg, accelerator.process_index, accelerator.num_processes)
     ckpt.seed_everything(cfg.train.seed)
-    loader_len = len(loader_fn(cfg, accelerator.process_index, accelerator.num_processes, 0))
+    loader_len = stream.num_steps(0) * cfg.optim.grad_accum
     parts = build_parts(cfg, accelerator, num_classes, loader_len)
     prog, rng = Progress(), None
     state_file = ckpt.resolve_resume(resume, run_path)
@@ -391,7 +385,7 @@ def run(
     flag = SignalFlag()
     try:
         while prog.epoch < cfg.schedule.epochs:
-            train_epoch(loader_fn, parts, cfg, accelerator, prog, run_path, flag, max_steps, rng)
+            train_epoch(stream, parts, cfg, accelerator, prog, run_path, flag, max_steps, rng)
             rng = None
             if should_evaluate(cfg, prog.epoch):
                 prog.metrics = evaluate(parts, cfg, accelerator, prog, run_path)
@@ -399,8 +393,7 @@ def run(
             write_state(parts, prog, cfg, accelerator, run_path)
     finally:
         flag.restore()
-        if stream is not None:
-            stream.close()
+        stream.close()
     accelerator.end_training()
     log.info("done: %d steps, best mAP %.1f%% (%s)", prog.global_step, 100 * max(prog.best_map, 0), prog.best_path)
     return {**prog.metrics, "best_mAP": prog.best_map, "best_path": prog.best_path, "global_step": prog.global_step,

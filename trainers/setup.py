@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from configs import ExperimentConfig, to_dict
+from datasets.samplers import micro_batch_size
 from inference.extract import input_dtype
 from inference.models import build_model
 from trainers import checkpoint as ckpt
@@ -50,7 +51,8 @@ def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
         )
         # the stream is not an Accelerate-prepared loader, so "auto" cannot be filled from it
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size // world
+        micro = cfg.data.batch_size // (world * cfg.optim.grad_accum)
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
     # run() may be called again in one process (tests, benchmarks) with other precision/accumulation
     # settings; Accelerate keeps them in singletons, so forget the previous run's (not the process group)
     AcceleratorState._reset_state()
@@ -99,21 +101,13 @@ def check_data(cfg: ExperimentConfig, manifest: dict, world_size: int) -> int:
     if d.train_split not in manifest["splits"]:
         raise ValueError(f"data.train_split={d.train_split!r} is not in {d.shards}: {sorted(manifest['splits'])}")
     num_classes = int(manifest["splits"][d.train_split]["num_classes"])
-    if d.batch_size % world_size:
-        raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the {world_size} processes")
-    if d.sampler == "pk":
-        per_rank = d.batch_size // world_size
-        if per_rank % d.num_instances:
-            raise ValueError(
-                f"P x K: the per-process batch data.batch_size/{world_size}={per_rank} is not a multiple of "
-                f"data.num_instances={d.num_instances}"
-            )
-        p = per_rank // d.num_instances
-        if num_classes < p:
-            raise ValueError(
-                f"P x K: the training split has {num_classes} identities but a batch needs P={p} "
-                f"(data.batch_size={d.batch_size} / data.num_instances={d.num_instances}); lower data.batch_size"
-            )
+    micro_batch_size(d.batch_size, world_size, cfg.optim.grad_accum)  # a clear error when it does not divide
+    if d.sampler == "pk" and num_classes < d.batch_size // d.num_instances:
+        raise ValueError(
+            f"P x K: the training split has {num_classes} identities but a batch needs "
+            f"P={d.batch_size // d.num_instances} (data.batch_size={d.batch_size} / data.num_instances="
+            f"{d.num_instances}); lower data.batch_size"
+        )
     return num_classes
 
 
