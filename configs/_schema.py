@@ -93,7 +93,7 @@ class DataConfig:
     sampler: str = "pk"
     """batch composition: pk (P identities x K samples), balanced (under-sample big classes), random"""
     batch_size: int = 32
-    """global batch size per optimizer step across all ranks (per rank = batch_size / world size)"""
+    """global batch per optimizer step across all ranks (a micro-batch = batch_size / (world size x grad_accum))"""
     num_instances: int = 4
     """K: samples per identity in a P x K batch"""
     balanced_cap: int = 0

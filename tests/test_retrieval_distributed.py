@@ -59,7 +59,8 @@ SCRIPT = textwrap.dedent(
         "eval.enabled=false", "checkpoint.every_steps=100", *sys.argv[2:],
     ])
     try:
-        run(cfg, run_dir=os.path.join(out, "run"), stream_fn=Stream, num_classes=8,
+        real = bool(os.environ.get("TEST_REAL_STREAM"))  # datasets.stream.TrainStream on data.shards
+        run(cfg, run_dir=os.path.join(out, "run"), stream_fn=None if real else Stream, num_classes=0 if real else 8,
             max_steps=int(os.environ.get("TEST_MAX_STEPS", "0")), resume=os.environ.get("TEST_RESUME"))
     except Stopped:
         pass
@@ -186,3 +187,32 @@ def test_deepspeed_single_process_on_cpu_without_a_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "one" / "run" / "train.log").read_text()
     assert "1 process(es)" in log and "Iteration[3/3]" in log
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory):
+    from datasets.prepare import main as prepare_main
+
+    root = tmp_path_factory.mktemp("sample")
+    prepare_main(["--config", "retr_demo", f"data.root={root}/raw", f"data.shards={root}/shards", "--no-progress"])
+    return root / "shards"
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_elastic_resume_continues_with_the_batches_of_the_uninterrupted_run(sample_shards, tmp_path, first, then):
+    """The real training stream: stopped after step 4 (mid epoch 2) on ``first`` processes and resumed on
+    ``then``, the run ends with the weights of an uninterrupted run (no BatchNorm: the same global loss)."""
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3"]
+    _torchrun(1, tmp_path / "full", script, *data, TEST_REAL_STREAM="1")
+    cut = tmp_path / "cut"
+    _torchrun(first, cut, script, *data, TEST_REAL_STREAM="1", TEST_MAX_STEPS="4")
+    _torchrun(then, cut, script, *data, TEST_REAL_STREAM="1", TEST_RESUME="auto")
+    log = (cut / "run" / "train.log").read_text()
+    assert f"resuming with {then} processes, the state was written with {first}" in log
+    full, resumed = _weights(tmp_path / "full"), _weights(cut)
+    init = torch.load(tmp_path / "full" / "init0.pt", weights_only=True)
+    for key in full:
+        assert torch.allclose(resumed[key], full[key], atol=1e-5, rtol=1e-4), key
+    assert sum(not torch.allclose(v, full[k]) for k, v in init.items()) > 10  # training moved the weights
