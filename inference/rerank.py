@@ -1,7 +1,11 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017) in bounded memory, in torch (CPU or GPU).
 
-Gives the same distances as the reference implementation (torchreid's ``re_ranking``) fed with the
-``metric`` distance matrices, but never builds a dense (Q+G)^2 matrix: the all-pairs distances are
+Computes what the reference implementation (torchreid's ``re_ranking``) computes from the ``metric`` distance
+matrices, up to float32 near-ties: where two neighbours' distances tie at the k-th place, the reference keeps the
+order of numpy's argsort and this keeps topk's, so the k-reciprocal sets, and the distances that depend on them,
+can differ (measured: at most 4.8e-7 on ``bench/market_like.py``; at Market size with other 2,048-d clustered
+features, 1,760 of 53.6M distances differed by up to 9.1e-3, with identical re-ranked mAP and CMC; see
+BENCHMARKS.md). It never builds a dense (Q+G)^2 matrix: the all-pairs distances are
 computed in row chunks and reduced to each row's maximum and nearest neighbours, the k-reciprocal
 encodings V are sparse (COO), and the Jaccard distance is a sparse join, chunked over queries.
 """

@@ -16,14 +16,15 @@ from configs import LaunchConfig
 CLUSTERS = ("auto", "slurm", "local")
 
 
-def resolve_cluster(choice: str) -> str:
-    """``auto`` -> ``slurm`` when ``sbatch`` is on PATH, else ``local``; ``slurm`` requires ``sbatch``."""
+def resolve_cluster(choice: str, preview: bool = False) -> str:
+    """``auto`` -> ``slurm`` when ``sbatch`` is on PATH, else ``local``; ``slurm`` requires ``sbatch``, except for a
+    ``preview`` (a dry run prints the sbatch script anywhere, e.g. on a laptop)."""
     if choice not in CLUSTERS:
         raise ValueError(f"--cluster {choice!r} is not valid; choose one of {list(CLUSTERS)}")
     has_sbatch = shutil.which("sbatch") is not None
     if choice == "auto":
         return "slurm" if has_sbatch else "local"
-    if choice == "slurm" and not has_sbatch:
+    if choice == "slurm" and not has_sbatch and not preview:
         raise ValueError(
             "--cluster slurm (launch.cluster=slurm) needs SLURM, but `sbatch` is not on PATH; "
             "run on a SLURM login node, or use --cluster local (or auto) to run here"

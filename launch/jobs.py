@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import submitit
 from configs import LaunchConfig
 from launch import ranks
 from launch.cluster import pending_reason
+from launch.progress import ProgressReporter
 from launch.result import read_result
 
 RECORD = "launch.json"
@@ -163,19 +165,27 @@ def job_done(job: submitit.Job) -> bool:
     return job.done(force_check=True)
 
 
-def wait_done(job: submitit.Job, deadline_s: float, poll_s: float = POLL_S) -> bool:
-    """Poll ``job.done()`` until it is done or ``deadline_s`` passed (never ``job.result()`` blindly)."""
+def wait_done(
+    job: submitit.Job, deadline_s: float, poll_s: float = POLL_S, report: Callable[[], None] | None = None
+) -> bool:
+    """Poll ``job.done()`` until it is done or ``deadline_s`` passed (never ``job.result()`` blindly);
+    ``report()`` is called at each poll (the progress display)."""
     end = time.monotonic() + deadline_s
     while not job_done(job):
         if time.monotonic() >= end:
             return False
+        if report is not None:
+            report()
         time.sleep(poll_s)
     return True
 
 
 def wait_and_report(job: submitit.Job, deadline_s: float) -> int:
     """Wait for the job with a deadline and print its result; 0 on success."""
-    if not wait_done(job, deadline_s):
+    reporter = ProgressReporter(job.paths.folder, str(job.job_id))
+    finished = wait_done(job, deadline_s, report=reporter)
+    reporter.close()
+    if not finished:
         print(f"job {job.job_id} still running after {deadline_s:.0f} s; it goes on (see the commands above)")
         return 0
     outcome = read_result(job.paths.folder)

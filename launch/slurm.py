@@ -51,7 +51,7 @@ def submit(
 ) -> submitit.Job | None:
     """Submit config ``name``; returns the job (None for a dry run). ``trainer`` overrides the module."""
     cfg, launch, options = job_spec(name, overrides)
-    cluster = resolve_cluster(cluster or launch.cluster)
+    cluster = resolve_cluster(cluster or launch.cluster, preview=dry_run)
     job_name = cfg.name if cfg is not None else name
     output_dir = Path(cfg.output_dir if cfg is not None else "runs").resolve()
     folder = output_dir / job_name / "%j"

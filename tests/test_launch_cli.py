@@ -81,7 +81,11 @@ def test_cluster_choice_follows_sbatch_on_path(tmp_path, monkeypatch, capsys):
     assert resolve_cluster("auto") == "local"
     with pytest.raises(ValueError, match="needs SLURM, but `sbatch` is not on PATH"):
         resolve_cluster("slurm")
-    assert main(["--config", "retr_demo", "--cluster", "slurm", "--dry-run"]) == 2
+    # previewing the sbatch script is what a dry run is for: it works where SLURM is absent (a laptop)
+    assert main(["--config", "retr_swinb", "--cluster", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "cluster=slurm" in out and "#SBATCH --job-name=retr_swinb" in out and "srun " in out
+    assert main(["--config", "retr_demo", "--cluster", "slurm", f"output_dir={tmp_path}"]) == 2  # a real submit
     assert "`sbatch` is not on PATH" in capsys.readouterr().err
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/sh\n")
@@ -147,3 +151,42 @@ def test_job_folders_that_others_can_write_are_refused(tmp_path, capsys):
     assert main(args) == 2
     assert f"job folder parent {shared} can be written by other users (mode 777" in capsys.readouterr().err
     assert list(shared.iterdir()) == []
+
+
+def test_waiting_shows_the_jobs_progress_from_its_log(tmp_path):
+    """The launcher polls a running job: epoch, step, loss and the last evaluation, from the job's log."""
+    import io
+
+    from launch import jobs
+    from launch.progress import ProgressReporter, read_progress
+
+    assert read_progress(tmp_path) is None
+    log = tmp_path / "train.log"
+    log.write_text(
+        "INFO Epoch[1] Iteration[10/27] Loss: 3.101, Acc: 0.050, Base Lr: 3.50e-04, 40.1 images/s\n"
+        "INFO Validation Results - Epoch: 2  mAP: 61.5%  rank1: 80.0%\n"
+        "INFO Epoch[3] Iteration[20/27] Loss: 1.234, Acc: 0.600, Base Lr: 3.50e-04, 41.0 images/s\n"
+    )
+    progress = read_progress(tmp_path)
+    assert (progress.epoch, progress.step, progress.steps, progress.loss) == (3, 20, 27, "1.234")
+    assert progress.line() == "epoch 3, step 20/27, loss 1.234, last eval mAP 61.5%"
+    det = tmp_path / "det"
+    (det / "20261130_070707").mkdir(parents=True)
+    (det / "20261130_070707" / "20261130_070707.log").write_text(
+        "Epoch(train) [2][ 4/8]  lr: 1.0e-03  eta: 0:00:10  time: 0.5  loss: 2.5000  loss_rpn_cls: 0.6\n"
+    )
+    assert read_progress(det).line() == "epoch 2, step 4/8, loss 2.5000"
+
+    class Running:  # a job that finishes on the third poll
+        polls = 0
+
+        def done(self, force_check=False):
+            self.polls += 1
+            return self.polls >= 3
+
+    out = io.StringIO()
+    reporter = ProgressReporter(tmp_path, "42", every_s=0.0, out=out)
+    assert jobs.wait_done(Running(), 10, poll_s=0.01, report=reporter)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1, "an unchanged state is shown once"
+    assert lines[0].startswith("job 42 [0:00] epoch 3, step 20/27")
