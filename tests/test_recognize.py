@@ -142,3 +142,17 @@ def test_cli_writes_results_table_and_pictures(setup, tmp_path, capsys):
     assert recognize.main([*args, "--images", str(tmp_path)]) == 2  # ground truth needs the COCO file's ids
     other = make_retriever_run(tmp_path / "other", s["root"], seed=3)
     assert recognize.main([*args[:1], str(other), *args[2:]]) == 2
+
+
+@pytest.mark.gpu
+def test_recognition_on_gpu_matches_cpu(setup):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    s = setup
+    gpu = load_retriever(s["ckpt"], device="cuda")
+    cpu_run = recognize.recognize(s["queries"], s["retriever"], s["bank"], MatchOptions(), "gt", progress=False)
+    gpu_run = recognize.recognize(s["queries"], gpu, s["bank"], MatchOptions(), "gt", progress=False)
+    assert [r["category_id"] for r in gpu_run.results] == [r["category_id"] for r in cpu_run.results]
+    assert max(abs(a["similarity"] - b["similarity"]) for a, b in zip(gpu_run.results, cpu_run.results)) < 1e-3
