@@ -85,7 +85,9 @@ def read_run_config(checkpoint: Path) -> ExperimentConfig:
             f"no config for {checkpoint}: {path} does not exist; pass --config NAME (the experiment that trained it)"
         )
     try:
-        return from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        data.pop("resolved", None)  # values the trainer derived at run time (scaled lr, ...), not config keys
+        return from_dict(data)
     except (json.JSONDecodeError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a readable experiment config ({exc}); pass --config NAME instead") from None
 

@@ -176,3 +176,15 @@ def test_writers_take_turns(bank):
         with pytest.raises(ValueError, match="being changed by another process"):
             gallery.remove(bank, skus=[1])
     assert gallery.remove(bank, skus=[1]).version == 2
+
+
+def test_the_trainers_config_json_with_resolved_values_is_read(tmp_path, sample_root):
+    import json
+
+    ckpt = make_retriever_run(tmp_path / "run", sample_root)
+    data = json.loads((ckpt.parent / "config.json").read_text())
+    (ckpt.parent / "config.json").write_text(json.dumps({**data, "resolved": {"lr": 0.001, "global_batch": 32}}))
+    assert load_retriever(ckpt).cfg.model.backbone == "test_resnet"
+    (ckpt.parent / "config.json").write_text(json.dumps({**data, "surprise": 1}))
+    with pytest.raises(ValueError, match="config.json: not a readable experiment config.*--config NAME"):
+        load_retriever(ckpt)

@@ -10,7 +10,6 @@ its weights, with our mmcv op shim installed first. It lives here because loadin
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from trainers import mmcv_ext
 mmcv_ext.install()  # before anything imports mmcv.ops
 
 from inference import recognize as rec  # noqa: E402
+from trainers import det_checkpoint  # noqa: E402
 from trainers.detection import load_det_config, parse_cfg_options, resolve_data  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,8 @@ def load_detector(config: str, checkpoint: str, device: str = "cpu", score_thr: 
     register_all_modules()
     cfg = load_det_config(config, parse_cfg_options(cfg_options))
     classes = resolve_data(cfg)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"detector checkpoint {path} is a resumable training state, not weights: use the "
-                         "mAPxx.x.pth the detection trainer exported") from None  # fmt: skip
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = det_checkpoint.load(path, map_location="cpu")  # weights-only, errors name the file
+    state = state.get("state_dict", state)
     found = _num_classes_in(state)
     if found is not None and found != len(classes):
         hint = " (per-class weights: add --det-cfg-options class_agnostic=False)" if found > 1 else ""
