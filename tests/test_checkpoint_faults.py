@@ -120,3 +120,16 @@ def test_the_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b))[1])
     ckpt.save_atomic({"x": torch.zeros(2)}, tmp_path / f"{uuid.uuid4().hex}.pt")
     assert [e[0] for e in events] == ["fsync", "replace", "fsync"] and events[0][1] is False and events[2][1] is True
+
+
+def test_resuming_before_a_truncated_state_keeps_the_states_it_writes(tmp_path):
+    """After falling back from a truncated newest state, the next save must not prune the state it just wrote."""
+    folder = tmp_path / "checkpoints"
+    for step in (1, 3):
+        ckpt.save_state(tiny_state(step), folder, step, keep_last=2)
+    newest = folder / "state-000000003.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    assert ckpt.resolve_resume("auto", tmp_path) == folder / "state-000000001.pt"
+    written = ckpt.save_state(tiny_state(2), folder, 2, keep_last=1)
+    assert written.is_file(), "the state just written was pruned as 'old'"
+    assert ckpt.resolve_resume("auto", tmp_path) == written

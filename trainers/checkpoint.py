@@ -170,7 +170,9 @@ def newest_intact(states: list[Path], where: str) -> Path | None:
 def save_state(state: dict, ckpt_dir: str | Path, global_step: int, keep_last: int) -> Path:
     """Write the state for ``global_step`` and delete all but the newest ``keep_last`` states."""
     path = save_atomic(state, state_path(ckpt_dir, global_step))
-    for old in list_states(ckpt_dir)[:-keep_last]:
+    # Only states up to this step count: a newer one is left from before a resume (e.g. the truncated state
+    # `--resume auto` fell back from), and pruning by name would otherwise delete the state just written.
+    for old in [p for p in list_states(ckpt_dir) if p.name <= path.name][:-keep_last]:
         old.unlink(missing_ok=True)
         shutil.rmtree(old.with_suffix(".zero"), ignore_errors=True)  # DeepSpeed's sharded part, if any
     return path
