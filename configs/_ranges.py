@@ -105,6 +105,7 @@ RANGES: dict[str, Range] = {
     "launch.time_min": COUNT,
     "launch.signal_delay_s": NON_NEGATIVE,
     "launch.requeue_on_failure": Range(0, 1000),
+    "launch.min_nodes": NON_NEGATIVE,
 }
 
 # Where each section sits in the tree, so that its own validation names the full dotted key.

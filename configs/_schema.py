@@ -340,6 +340,8 @@ class LaunchConfig:
     """seconds before the time limit when SIGUSR2 is sent"""
     requeue_on_failure: int = 0
     """times a job that lost a rank or node is requeued to resume from its last state (SLURM)"""
+    min_nodes: int = 0
+    """fewest nodes the job (also when requeued) accepts; 0 = launch.nodes, all of them"""
     network_interface: str = ""
     """interface the ranks talk over (NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME), e.g. ib0; empty = auto"""
     env: tuple[str, ...] = ()
@@ -348,6 +350,8 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         _choice("launch.cluster", self.cluster, ("auto", "slurm", "local"))
         check_ranges(self)
+        if self.min_nodes > self.nodes:
+            raise ValueError(f"launch.min_nodes={self.min_nodes} must be <= launch.nodes={self.nodes}")
         for item in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
                 raise ValueError(f"launch.env entry {item!r} must look like NAME=value")

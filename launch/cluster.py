@@ -133,7 +133,7 @@ def check_request(launch: LaunchConfig, tasks_per_node: int) -> None:
     partition, nodes = partition_nodes(launch.partition)
     if not nodes:
         return  # an unknown partition: sbatch's own message says so
-    found = problems(req, partition, nodes, getattr(launch, "min_nodes", 0))
+    found = problems(req, partition, nodes, launch.min_nodes)
     if found:
         hint = f"\n  what fits: {what_fits(nodes, req, launch.gpus_per_node > 0)}"
         raise ValueError(f"partition {partition or '(default)'} cannot run this job:\n  " + "\n  ".join(found) + hint)

@@ -89,6 +89,8 @@ def slurm_parameters(launch: LaunchConfig, job_name: str, shared: dict[str, Path
         # requeueable even where the cluster's JobRequeue default is 0 (preemption / time limit resume)
         "additional_parameters": {"requeue": True, **extra_sbatch_parameters(launch.extra_sbatch)},
     }
+    if 0 < launch.min_nodes < launch.nodes:  # sbatch --nodes=MIN-MAX: start (or restart) on what is there
+        params["additional_parameters"]["nodes"] = f"{launch.min_nodes}-{launch.nodes}"
     if setup:
         params["setup"] = setup
     if launch.gpus_per_node > 0:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +85,11 @@ def _pid_alive(pid: int) -> bool:
 def job_state(job: submitit.Job, cluster: str) -> str:
     """SLURM's state (through sacct), or for a local job: RUNNING / FINISHED / FAILED / CANCELLED / DIED."""
     if cluster == "slurm":
-        return job.watcher.get_state(job.job_id, mode="force")
+        state = job.watcher.get_state(job.job_id, mode="force")
+        if state == "UNKNOWN":  # sacct may not list a job submitted a moment ago; squeue does
+            queued = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
+            state = queued.stdout.strip() or state
+        return state
     record_path = Path(job.paths.folder) / RECORD
     if record_path.is_file() and json.loads(record_path.read_text()).get("cancelled"):
         return "CANCELLED"

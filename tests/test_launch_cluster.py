@@ -74,6 +74,8 @@ def test_unsatisfiable_request_is_refused_and_pending_reason_explained(tmp_path,
         assert "pending: BeginTime" in out and f"JobId={job_id} StartTime=now" in out, out
     finally:
         assert jobs.cancel(job_id, tmp_path) == 0
+        queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        assert queued.strip() in ("", "CANCELLED"), f"job {job_id} is still {queued.strip()}"
 
 
 def test_sbatch_carries_the_network_settings_and_checks_the_shared_filesystem(tmp_path):
@@ -90,3 +92,11 @@ def test_sbatch_carries_the_network_settings_and_checks_the_shared_filesystem(tm
     assert "output_dir=" in proc.stderr and "absent dir" in proc.stderr
     (tmp_path / "absent dir").mkdir()
     assert subprocess.run(["bash", "-c", check]).returncode == 0
+
+
+def test_min_nodes_lets_the_job_start_on_fewer_nodes():
+    params = slurm_parameters(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8), "job")
+    assert params["additional_parameters"]["nodes"] == "2-4" and params["nodes"] == 4
+    assert "nodes" not in slurm_parameters(LaunchConfig(nodes=4), "job")["additional_parameters"]
+    with pytest.raises(ValueError, match="launch.min_nodes=3 must be <= launch.nodes=2"):
+        LaunchConfig(nodes=2, min_nodes=3)
