@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datasets.crop import CropError, CropSettings
+from datasets.crop import CropSettings, to_rgb
 from inference.crops import crop_box
 from inference.match import UNKNOWN
 
@@ -24,10 +24,10 @@ def _thumbnail(match: dict, settings: CropSettings, cache: dict) -> Image.Image 
     if key not in cache:
         try:
             with Image.open(match["source"]) as img:
-                crop = crop_box(img.convert("RGB"), match["box"], settings)
+                crop = crop_box(to_rgb(img), match["box"], settings)  # boxes are on the image as shown
             crop.thumbnail((THUMB, THUMB))
             cache[key] = crop
-        except (OSError, CropError) as exc:  # a library image moved since the bank was built: draw without it
+        except (OSError, ValueError) as exc:  # moved since the bank was built, or unreadable: draw without it
             log.warning("no thumbnail for %s: %s", match["source"], exc)
             cache[key] = None
     return cache[key]
@@ -37,7 +37,7 @@ def draw_image(path: Path, results: list[dict], settings: CropSettings, cache: d
     """The query image with every result box, label, similarity and gallery thumbnail (beside the box)."""
     cache = {} if cache is None else cache
     with Image.open(path) as src:
-        canvas = src.convert("RGB")
+        canvas = to_rgb(src)  # as recognised: EXIF orientation applied, so the boxes land where they belong
     scale = max(1, round(480 / max(canvas.size)))  # small scenes are enlarged so the labels stay readable
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
     pen = ImageDraw.Draw(canvas)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datasets.crop import CropError, CropSettings
+from datasets.crop import CropError, CropSettings, UnsupportedImage, to_rgb
 from inference.bankstore import BankVersion
 from inference.crops import crop_box
 from inference.match import MatchOptions, combined_score, match
@@ -104,12 +104,13 @@ def read_queries(source: str | Path, image_root: str | Path | None = None, split
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Fully decoded RGB image; OSError-family problems become a ValueError naming the file."""
+    """Fully decoded RGB image as the gallery's and training's crops saw theirs (``datasets.crop.to_rgb``: EXIF
+    orientation, 16-bit scaling, alpha); OSError-family problems become a ValueError naming the file."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, UnsupportedImage, Image.DecompressionBombError) as exc:
         raise ValueError(f"query image {path} cannot be read: {exc}") from None
 
 

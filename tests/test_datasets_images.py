@@ -149,3 +149,29 @@ def test_coco_string_category_id_is_not_called_unknown(tmp_path):
     root = bad_case(tmp_path, ann={"id": 9, "image_id": 1, "category_id": "1", "bbox": [2, 2, 20, 30]})
     with pytest.raises(ValueError, match=r"query\.json: annotation 9 has category_id '1' \(str\); ids are integers"):
         read_coco(root)
+
+
+def test_recognition_queries_are_rendered_as_the_shards_crops(tmp_path):
+    """A query image must look as it did when the gallery and training crops were made (EXIF, 16 bits, alpha):
+    the query's boxes are drawn on the image as shown."""
+    from inference.recognize import load_rgb
+
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)).save(tmp_path / "g16.png")
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    for name in ("r.jpg", "g16.png", "a.png"):
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / name)), load(tmp_path / name)), name
+    from datasets.crop import CropSettings
+    from inference.draw import draw_image
+
+    canvas = draw_image(tmp_path / "r.jpg", [], CropSettings("", 0.0, 1, 0, 95))  # result boxes: as shown
+    assert canvas.width * 2 == canvas.height
+    Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(tmp_path / "f.tif")
+    with pytest.raises(ValueError, match=r"query image .*f\.tif"):
+        load_rgb(tmp_path / "f.tif")
