@@ -59,18 +59,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB as a viewer shows the image: EXIF orientation applied, 16-bit scaled, alpha composited.
 
     16-bit greyscale (``I;16*``, or ``I`` within 0..65535) is scaled by 255/65535; transparency (``RGBA``,
-    ``LA``, ``PA``, palette transparency) is composited over ``ALPHA_BACKGROUND``. Modes without a faithful
-    8-bit rendering (float, 32-bit integer beyond 16 bits) raise ``UnsupportedImage``.
+    ``LA``, ``PA``, palette transparency, PNG colour keys) is composited over ``ALPHA_BACKGROUND``. Modes without
+    a faithful 8-bit rendering (float, 32-bit integer beyond 16 bits) raise ``UnsupportedImage``.
     """
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(img, dtype=np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise UnsupportedImage(f"{img.mode} image with values {values.min()}..{values.max()} is not 16-bit")
-        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        grey = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a PNG tRNS colour key: this one 16-bit grey value is transparent
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))))
+        img = grey
     elif img.mode == "F":
         raise UnsupportedImage("floating-point images have no defined 8-bit rendering")
-    if img.mode == "P" and "transparency" in img.info:
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # palette alpha or a PNG tRNS colour key
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")

@@ -175,3 +175,17 @@ def test_recognition_queries_are_rendered_as_the_shards_crops(tmp_path):
     Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(tmp_path / "f.tif")
     with pytest.raises(ValueError, match=r"query image .*f\.tif"):
         load_rgb(tmp_path / "f.tif")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_png_colour_key_transparency_is_composited(tmp_path, mode):
+    """A PNG tRNS colour key (one colour or grey value transparent) in RGB, grey and 16-bit grey images."""
+    if mode == "RGB":
+        pixels, key = np.zeros((4, 4, 3), np.uint8), (0, 255, 0)
+    else:
+        pixels, key = np.zeros((4, 4), np.uint16 if mode == "I;16" else np.uint8), 700 if mode == "I;16" else 7
+    pixels[:2] = key  # the top half has the transparent key, the bottom half is opaque black
+    Image.fromarray(pixels).save(tmp_path / "k.png", transparency=key)
+    assert Image.open(tmp_path / "k.png").mode == mode
+    rgb = load(tmp_path / "k.png")
+    assert (rgb[:2] == ALPHA_BACKGROUND).all() and (rgb[2:] == 0).all()
