@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.shardguard import writer_lock
 from datasets.shards import MANIFEST, index_members, read_manifest, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -133,19 +134,24 @@ class SampleReader:
 
 
 def add_index(shards_dir: str | Path) -> int:
-    """Add the sample index to a manifest written without one (shards verified first); return shards indexed."""
-    manifest = read_manifest(shards_dir)
-    done = 0
-    for split, entry in manifest["splits"].items():
-        todo = [s for s in entry["shards"] if "members" not in s]
-        verify_once(shards_dir, todo)
-        for shard in todo:
-            shard["members"] = index_members(
-                Path(shards_dir) / shard["file"], split, shard["first_index"], shard["count"]
-            )
-            done += 1
-    if done:
-        write_json_atomic(Path(shards_dir) / MANIFEST, manifest)
+    """Add the sample index to a manifest written without one (shards verified first); return shards indexed.
+
+    The manifest is read, indexed and rewritten under the folder's writer lock, so a prepare cannot start in
+    between and have its new manifest replaced by this old one.
+    """
+    with writer_lock(shards_dir, command="datasets.shard_index"):
+        manifest = read_manifest(shards_dir)
+        done = 0
+        for split, entry in manifest["splits"].items():
+            todo = [s for s in entry["shards"] if "members" not in s]
+            verify_once(shards_dir, todo)
+            for shard in todo:
+                shard["members"] = index_members(
+                    Path(shards_dir) / shard["file"], split, shard["first_index"], shard["count"]
+                )
+                done += 1
+        if done:
+            write_json_atomic(Path(shards_dir) / MANIFEST, manifest)
     return done
 
 

@@ -153,3 +153,30 @@ def test_grocery_query_list_is_selectable_and_the_lists_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"data.query_split='official' needs the list official\.txt.*the lists here "
                        r"are test\.txt, train\.txt, val\.txt"):  # fmt: skip
         read_grocery(root, query="official")
+
+
+def test_indexing_an_old_manifest_in_place_holds_the_writer_lock(tmp_path, monkeypatch):
+    """``datasets.shard_index`` rewrites the manifest: a prepare starting meanwhile must not be overwritten by it."""
+    import datasets.shard_index as index_mod
+
+    out = tmp_path / "shards"
+    prepare_shards(tiny_records(tmp_path / "img"), out, PrepareConfig(workers=1), progress=False)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        del shard["members"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    real, seen = index_mod.verify_once, []
+
+    def while_indexing(folder, shards, *args, **kwargs):  # a second writer tries to start half-way through
+        code = (
+            "import sys\nfrom datasets.shardguard import ShardsBusy, writer_lock\n"
+            "try:\n    with writer_lock(sys.argv[1]):\n        print('writing')\n"
+            "except ShardsBusy:\n    print('refused')\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code, str(out)], env=ENV, capture_output=True, text=True)
+        seen.append(done.stdout.strip())
+        return real(folder, shards, *args, **kwargs)
+
+    monkeypatch.setattr(index_mod, "verify_once", while_indexing)
+    assert index_mod.add_index(out) == 1
+    assert seen == ["refused"]
