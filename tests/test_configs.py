@@ -126,3 +126,21 @@ def test_a_section_added_to_the_tree_is_range_checked_by_its_dotted_key():
     check_tree(Tree())
     with pytest.raises(ValueError, match=r"extra.alpha=nan must be a finite number"):
         check_tree(Tree(Extra(float("nan"))))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optim.lr=1e-6", "optim.weight_decay=0.05", "optim.name=adamw", "optim.clip_grad=5.0"],
+        ["data.batch_size=4096", "data.num_instances=8", "optim.grad_accum=8", "launch.nodes=8"],
+        ["data.height=384", "data.width=384", "model.drop_path=0.3", "model.embed_dim=2048"],
+        ["data.height=384", "data.width=128", "data.prepare.padding=0.1", "data.prepare.max_side=0"],
+        ["model.head=arcface", "model.scale=64", "model.margin=0.5", "loss.center_weight=0.0005"],
+        ["schedule.kind=cosine", "schedule.warmup_epochs=0", "schedule.epochs=300", "train.seed=4294967296"],
+        ["optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.99", "schedule.milestones=(30,60,90)"],
+    ],
+)
+def test_real_world_values_are_accepted(overrides):
+    """The ranges refuse harm, not real recipes (large batches, tiny lr, 384-pixel inputs, ArcFace, ...)."""
+    load_config("retr_swinb", overrides)
+    load_config("reid_r50", overrides)
