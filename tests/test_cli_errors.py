@@ -97,3 +97,24 @@ def test_config_error_through_accelerate_launch_has_no_traceback_of_ours(tmp_pat
     assert proc.returncode != 0
     assert "error: unknown config key 'optim.lrx'" in proc.stderr and "optim.lr" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_busy_shards_and_a_full_disk_are_one_line_too(tmp_path, capsys, monkeypatch):
+    """The trainer's two fault messages a user acts on: shards another process writes, and a full disk."""
+    from datasets.shardguard import ShardsBusy
+
+    monkeypatch.delenv("DETRETR_DEBUG", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def busy(argv):
+        raise ShardsBusy("shards folder /x is still being written by pid 1 on h")
+
+    def full(argv):
+        raise ckpt.no_space_error(tmp_path / "state-000000001.pt", 2**20)
+
+    for main, text in ((busy, "still being written by pid 1"), (full, "no space left on device: writing")):
+        assert run_cli(main, []) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and text in err.splitlines()[0] and "Traceback" not in err
+    with pytest.raises(OSError, match="Permission denied|Bad file"):  # other system errors keep their traceback
+        run_cli(lambda argv: os.close(-1), [])
