@@ -106,6 +106,13 @@ RANGES: dict[str, Range] = {
     "launch.signal_delay_s": NON_NEGATIVE,
     "launch.requeue_on_failure": Range(0, 1000),
     "launch.min_nodes": NON_NEGATIVE,
+    "distill.temperature": Range(0, 100, low_open=True),
+    "distill.kl_weight": NON_NEGATIVE,
+    "distill.js_weight": NON_NEGATIVE,
+    "distill.embed_weight": NON_NEGATIVE,
+    "distill.relation_weight": NON_NEGATIVE,
+    "distill.cache_check_batches": NON_NEGATIVE,
+    "distill.cache_tolerance": Range(0, 1),
 }
 
 # Where each section sits in the tree, so that its own validation names the full dotted key.
@@ -121,6 +128,7 @@ SECTION_KEYS = {
     "EvalConfig": "eval",
     "CheckpointConfig": "checkpoint",
     "LaunchConfig": "launch",
+    "DistillConfig": "distill",
 }
 
 

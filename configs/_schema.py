@@ -359,6 +359,67 @@ class LaunchConfig:
             raise ValueError(f"launch.network_interface={self.network_interface!r} is not an interface name")
 
 
+DISTILL_PROJECTIONS = ("auto", "linear", "none")
+DISTILL_CACHE = ("off", "use", "build")
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained retrieval teacher (``trainer="distill"``)."""
+
+    teacher_checkpoint: str = ""
+    """the teacher's trained weights: an ``mAPxx.x.pth`` or a resumable state (a glob takes the newest match)"""
+    teacher_config: str = ""
+    """the teacher's config (model, input size, mean/std): a config name, a config.json, or empty = the
+    config.json of the checkpoint's run directory"""
+    temperature: float = 4.0
+    """softmax temperature of the logit terms (scaled back by T^2)"""
+    kl_weight: float = 1.0
+    """weight of KL(teacher || student) on the softened logits (0 = off)"""
+    js_weight: float = 0.0
+    """weight of the Jensen-Shannon divergence on the softened logits (0 = off)"""
+    embed_weight: float = 0.0
+    """weight of the embedding term between the student's and the teacher's pooled features (0 = off)"""
+    embed_loss: str = "cosine"
+    """embedding term: mse or cosine"""
+    projection: str = "auto"
+    """student -> teacher embedding projection: auto (linear when the sizes differ), linear, none"""
+    relation_weight: float = 0.0
+    """weight of the relational term on the batch's pairwise structure (0 = off)"""
+    relation: str = "similarity"
+    """relational term: similarity (cosine-similarity matrices) or distance (mean-normalised distances)"""
+    cache: str = "off"
+    """teacher outputs: off (run the teacher live), use (read the cache, build it if missing), build (rebuild)"""
+    cache_dir: str = ""
+    """teacher cache folder (empty = <data.shards>/teacher_cache/<recipe fingerprint>)"""
+    cache_check_batches: int = 2
+    """micro-batches per rank compared with the live teacher before trusting the cache (0 = no check)"""
+    cache_dtype: str = "float16"
+    """dtype the cache stores: float16 or float32"""
+    cache_tolerance: float = 0.02
+    """largest |cached - live| relative to the live outputs' scale that the check accepts"""
+
+    def __post_init__(self) -> None:
+        _choice("distill.embed_loss", self.embed_loss, ("mse", "cosine"))
+        _choice("distill.projection", self.projection, DISTILL_PROJECTIONS)
+        _choice("distill.relation", self.relation, ("similarity", "distance"))
+        _choice("distill.cache", self.cache, DISTILL_CACHE)
+        _choice("distill.cache_dtype", self.cache_dtype, ("float16", "float32"))
+        check_ranges(self)
+
+    def check_for_training(self) -> None:
+        """What a distillation run needs beyond valid values: a teacher and at least one term."""
+        if not self.teacher_checkpoint:
+            raise ValueError(
+                "trainer='distill' needs distill.teacher_checkpoint (the teacher's mAPxx.x.pth or state file)"
+            )
+        if not any((self.kl_weight, self.js_weight, self.embed_weight, self.relation_weight)):
+            raise ValueError(
+                "trainer='distill' with every distillation weight 0 (distill.kl_weight, distill.js_weight, "
+                "distill.embed_weight, distill.relation_weight): use trainer='retrieval' instead"
+            )
+
+
 @dataclass
 class ExperimentConfig:
     """One experiment: what trains, on what, how, and where its outputs go."""
@@ -387,6 +448,8 @@ class ExperimentConfig:
     """checkpoints"""
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """launcher"""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """knowledge distillation (read by trainer="distill" only)"""
 
     def __post_init__(self) -> None:
         _choice("trainer", self.trainer, ("retrieval", "distill", "detection"))

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def trainer_module(cfg: ExperimentConfig | None) -> str:
-    """Module whose ``run`` trains the config: ``trainers.<cfg.trainer>``; mmengine configs -> detection."""
-    return "trainers.detection" if cfg is None else f"trainers.{cfg.trainer}"
+    """Module whose ``run`` trains the config; mmengine configs -> detection; distillation runs the retrieval
+    trainer's loop (its parts come from ``trainers.setup.TRAINERS``)."""
+    if cfg is None:
+        return "trainers.detection"
+    return "trainers.retrieval" if cfg.trainer == "distill" else f"trainers.{cfg.trainer}"
 
 
 class TrainJob(submitit.helpers.Checkpointable):

@@ -19,7 +19,7 @@ def _train_step(model, cfg, num_classes: int) -> dict:
     )
     labels = torch.tensor([0, 1])
     out = model(torch.randn(2, 3, cfg.data.height, cfg.data.width))
-    terms = criterion(out, labels)
+    terms = criterion(out, {"label": labels})
     terms["loss"].backward()
     return terms
 

@@ -36,7 +36,7 @@ def test_weighted_sum_and_terms():
     crit = RetrievalLoss(cfg, num_classes=4, feat_dim=6)
     out = {"feat": torch.randn(8, 6), "logits": torch.randn(8, 4)}
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    terms = crit(out, labels)
+    terms = crit(out, {"label": labels})
     assert set(terms) == {"ce", "triplet", "center", "loss"}
     ce = torch.nn.functional.cross_entropy(out["logits"], labels, label_smoothing=0.1)
     assert torch.allclose(terms["ce"], ce)
@@ -48,7 +48,7 @@ def test_center_grad_is_unscaled_by_weight():
     cfg = LossConfig(ce_weight=0.0, triplet_weight=0.0, center_weight=5e-4)
     crit = RetrievalLoss(cfg, num_classes=3, feat_dim=2)
     feat, labels = torch.randn(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
-    crit({"feat": feat}, labels)["loss"].backward()
+    crit({"feat": feat}, {"label": labels})["loss"].backward()
     crit.unscale_center_grad()
     ref = crit.center.centers.detach().clone().requires_grad_(True)
     ((feat - ref[labels]).pow(2).sum(1).mean()).backward()

@@ -68,7 +68,7 @@ class CenterLoss(nn.Module):
 
 
 class RetrievalLoss(nn.Module):
-    """Weighted sum of the configured terms; ``forward(outputs, labels)`` -> {"ce", "triplet", "center", "loss"}."""
+    """Weighted sum of the configured terms; ``forward(outputs, batch)`` -> {"ce", "triplet", "center", "loss"}."""
 
     def __init__(self, cfg: LossConfig, num_classes: int, feat_dim: int) -> None:
         super().__init__()
@@ -77,8 +77,9 @@ class RetrievalLoss(nn.Module):
         self.cfg = cfg
         self.center = CenterLoss(num_classes, feat_dim) if cfg.center_weight > 0 else None
 
-    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        """``batch``: the micro-batch on the device (``label`` is read here)."""
+        cfg, labels = self.cfg, batch["label"]
         terms: dict[str, torch.Tensor] = {}
         if cfg.ce_weight > 0:
             ce = F.cross_entropy(outputs["logits"].float(), labels, label_smoothing=cfg.label_smoothing)

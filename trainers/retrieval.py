@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from configs import ExperimentConfig, load_config, save_config, to_dict
 from trainers import checkpoint as ckpt
+from trainers.distillation import build_distill_parts
 from trainers.monitor import log_line, manifest_table, setup_logging
 from trainers.setup import (
     Parts,
@@ -36,6 +37,16 @@ from trainers.setup import (
 log = logging.getLogger("trainers.retrieval")
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+# cfg.trainer -> the function that builds the parts of the one training loop below
+TRAINERS = {"retrieval": build_parts, "distill": build_distill_parts}
+
+
+def trainer_parts(name: str):
+    if name not in TRAINERS:
+        raise ValueError(f"trainer={name!r} has no parts builder; choose one of {sorted(TRAINERS)}")
+    return TRAINERS[name]
 
 
 class Stopped(SystemExit):
@@ -81,6 +92,7 @@ def collect_state(parts: Parts, prog: Progress, cfg: ExperimentConfig, accelerat
         "optimizer": parts.optimizer.state_dict(),
         "center": parts.criterion.state_dict(),
         "center_optimizer": parts.center_optimizer.state_dict() if parts.center_optimizer else {},
+        "extra_optimizer": parts.extra_optimizer.state_dict() if parts.extra_optimizer else {},
         "scheduler": parts.scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
         "rng": rngs,
@@ -127,6 +139,8 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
     parts.criterion.load_state_dict(state["center"])
     if parts.center_optimizer is not None:
         parts.center_optimizer.load_state_dict(state["center_optimizer"])
+    if parts.extra_optimizer is not None:
+        parts.extra_optimizer.load_state_dict(state["extra_optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"]:
         accelerator.scaler.load_state_dict(state["scaler"])
@@ -148,13 +162,16 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
     labels = batch["label"].to(accelerator.device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
+    accum = cfg.optim.grad_accum
+    position = {"epoch": prog.epoch, "step": prog.batch_in_epoch // accum, "micro": prog.batch_in_epoch % accum}
+    batch = {**batch, **position, "image": images, "label": labels}
     buffers = [b.detach().clone() for b in parts.raw_model.buffers()]  # BN statistics, restored on a skip
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
             out = parts.model(images, labels)
             if parts.input_dtype != torch.float32:  # the losses (and center-loss parameters) stay in float32
                 out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
-            terms = parts.criterion(out, labels)
+            terms = parts.criterion(out, batch)
         finite = torch.isfinite(terms["loss"].detach()).float()
         if accelerator.num_processes > 1:  # all ranks skip together or none does
             finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
@@ -166,7 +183,7 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
         prog.nan_run = 0
         accelerator.backward(terms["loss"])
         if accelerator.sync_gradients:
-            sync_center_grad(parts, accelerator)
+            sync_criterion_grad(parts, accelerator)
             if cfg.optim.clip_grad > 0:
                 accelerator.clip_grad_norm_(parts.model.parameters(), cfg.optim.clip_grad)
         parts.optimizer.step()  # Accelerate's wrapper (or DeepSpeed's engine) steps at accumulation boundaries
@@ -175,18 +192,21 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
         if parts.center_optimizer is not None and accelerator.sync_gradients:
             parts.center_optimizer.step()
             parts.center_optimizer.zero_grad(set_to_none=True)
+        if parts.extra_optimizer is not None and accelerator.sync_gradients:
+            parts.extra_optimizer.step()
+            parts.extra_optimizer.zero_grad(set_to_none=True)
     stats = {k: v.detach().float() for k, v in terms.items()}
     stats["acc"] = (out["logits"].detach().argmax(1) == labels).float().mean()
     return stats
 
 
-def sync_center_grad(parts: Parts, accelerator: Accelerator) -> None:
-    """Center parameters live outside DDP: average their gradient by hand, then undo the loss weight."""
-    center = parts.criterion.center
-    if center is None or center.centers.grad is None:
-        return
+def sync_criterion_grad(parts: Parts, accelerator: Accelerator) -> None:
+    """Criterion parameters (centers, a distillation projection) live outside DDP: average their gradients by
+    hand, then undo the center loss weight."""
     if accelerator.num_processes > 1:
-        center.centers.grad.copy_(accelerator.reduce(center.centers.grad, "mean"))
+        for param in parts.criterion.parameters():
+            if param.grad is not None:
+                param.grad.copy_(accelerator.reduce(param.grad, "mean"))
     parts.criterion.unscale_center_grad()
 
 
@@ -194,7 +214,7 @@ def skip_nan_step(parts: Parts, cfg: ExperimentConfig, prog: Progress, terms: di
     prog.nan_run += 1
     values = {k: float(v.detach()) for k, v in terms.items()}
     log.warning("non-finite loss at step %d %s: step skipped (%d in a row)", prog.global_step, values, prog.nan_run)
-    for opt in (parts.optimizer, parts.center_optimizer):
+    for opt in (parts.optimizer, parts.center_optimizer, parts.extra_optimizer):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
     if prog.nan_run >= cfg.loss.max_nan_steps:
@@ -376,7 +396,7 @@ def run(
     stream = stream_fn(cfg, accelerator.process_index, accelerator.num_processes)
     ckpt.seed_everything(cfg.train.seed)
     loader_len = stream.num_steps(0) * cfg.optim.grad_accum
-    parts = build_parts(cfg, accelerator, num_classes, loader_len)
+    parts = trainer_parts(cfg.trainer)(cfg, accelerator, num_classes, loader_len)
     prog, rng = Progress(), None
     state_file = ckpt.resolve_resume(resume, run_path)
     if state_file is not None:

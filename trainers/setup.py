@@ -37,6 +37,8 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     input_dtype: torch.dtype = torch.float32
+    extra_optimizer: torch.optim.Optimizer | None = None
+    """criterion parameters other than the centers (e.g. a distillation projection), stepped with the model"""
 
 
 def make_accelerator(cfg: ExperimentConfig, run_dir: Path) -> Accelerator:
