@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from configs import ExperimentConfig, load_config, to_dict
-from datasets.shards import MANIFEST, sample_key
+from datasets.shards import MANIFEST
 from distill.teacher import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -56,28 +56,21 @@ def cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.shards) / "teacher_cache" / digest
 
 
-def batch_keys(batch: dict) -> list[str]:
-    """The shard sample keys of a batch (``key``), or keys rebuilt from the sample indices (``index``)."""
-    if "key" in batch:
-        return [str(k) for k in batch["key"]]
-    return [sample_key("train", int(i)) for i in batch["index"]]
-
-
-def global_batches(epoch_batches, steps: int, accum: int) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+def global_batches(epoch_batches, steps: int) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(step, keys, images) of each global batch of one epoch read as a single rank: the micro-batches of one
-    step (their ``step`` key, or ``accum`` consecutive batches) joined in order."""
+    step joined in order."""
     keys: list[str] = []
     images: list[torch.Tensor] = []
     current = 0
-    for position, batch in enumerate(epoch_batches):
-        step = int(batch["step"]) if "step" in batch else position // accum
+    for batch in epoch_batches:
+        step = int(batch["step"])
         if step != current and images:
             yield current, keys, torch.cat(images)
             keys, images = [], []
         if step >= steps:
             return
         current = step
-        keys += batch_keys(batch)
+        keys += [str(k) for k in batch["key"]]
         images.append(batch["image"].clone())
     if images:
         yield current, keys, torch.cat(images)
@@ -85,10 +78,7 @@ def global_batches(epoch_batches, steps: int, accum: int) -> Iterator[tuple[int,
 
 def num_steps(stream, epoch: int, cfg: ExperimentConfig) -> int:
     """Global batches (optimizer steps) of an epoch, capped by ``schedule.iters_per_epoch``."""
-    if hasattr(stream, "num_steps"):
-        steps = stream.num_steps(epoch)
-    else:
-        steps = len(stream.epoch(epoch)) // cfg.optim.grad_accum
+    steps = stream.num_steps(epoch)
     return min(steps, cfg.schedule.iters_per_epoch) if cfg.schedule.iters_per_epoch else steps
 
 
@@ -186,7 +176,7 @@ def build_cache(cfg: ExperimentConfig, teacher: Teacher, folder: Path, device) -
 def _build_epoch(cfg, teacher: Teacher, stream, epoch: int, tmp: Path, dtype, device) -> int:
     steps = num_steps(stream, epoch, cfg)
     feat = logits = keys = None
-    for step, names, images in global_batches(stream.epoch(epoch), steps, cfg.optim.grad_accum):
+    for step, names, images in global_batches(stream.epoch(epoch), steps):
         if feat is None:  # the global batch size as the stream makes it (every step has the same)
             shape = (steps, len(names))
             feat = np.lib.format.open_memmap(tmp / f"e{epoch:04d}-feat.npy", "w+", dtype, (*shape, teacher.dim))

@@ -9,7 +9,7 @@ import torch
 from configs import load_config, save_config
 from datasets.prepare import main as prepare_main
 from datasets.stream import TrainStream
-from distill.cache import TeacherCache, batch_keys, build_cache, cache_dir, global_batches
+from distill.cache import TeacherCache, build_cache, cache_dir, global_batches
 from distill.teacher import load_teacher
 from inference.models import build_model
 from trainers.distillation import compare_with_live
@@ -101,7 +101,7 @@ def test_cached_outputs_equal_live_and_another_teacher_is_refused(shards, tmp_pa
     stream = TrainStream(cfg, 0, 1)
     try:
         for epoch in (0, 1):  # the same augmented batches the trainer will see, read again from the stream
-            for step, keys, images in global_batches(stream.epoch(epoch), 2, 1):
+            for step, keys, images in global_batches(stream.epoch(epoch), 2):
                 live = teacher(images)
                 cached = cache.lookup(epoch, step, 8, keys[8:16], "cpu")
                 for name in ("feat", "logits"):
@@ -121,8 +121,3 @@ def test_cached_outputs_equal_live_and_another_teacher_is_refused(shards, tmp_pa
     with pytest.raises(ValueError, match=r"made for other training batches \(differs in \['seed'\]\)"):
         TeacherCache(cache_dir(cfg), teacher, _student(shards, ckpt, f"distill.cache_dir={tmp_path / 'cache'}",
                                                        "train.seed=5"))  # fmt: skip
-
-
-def test_batch_keys_from_keys_or_indices():
-    assert batch_keys({"key": ["a", "b"]}) == ["a", "b"]
-    assert batch_keys({"index": torch.tensor([3, 4])}) == ["train_00000003", "train_00000004"]

@@ -132,17 +132,22 @@ def test_logit_distillation_needs_the_teachers_classes(teacher, tmp_path):
         run(_cfg(teacher, f"distill.teacher_checkpoint={other / 'mAP1.0.pth'}"), run_dir=str(tmp_path / "r"))
 
 
-def test_two_processes_through_accelerate_launch(teacher, tmp_path):
+def test_two_processes_through_accelerate_launch_with_the_teacher_cache(teacher, tmp_path):
+    """The cache is built as one rank (the global batches do not depend on the world size); each of the two
+    ranks reads its slice of every global batch and checks it against its live teacher."""
     root, best = teacher
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), ACCELERATE_USE_CPU="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", "0", "trainers/retrieval.py", "--config", "distill_demo", "--run-dir", str(tmp_path),
            *FAST, f"data.shards={root}/shards", f"distill.teacher_checkpoint={best}", "schedule.epochs=1",
-           "schedule.iters_per_epoch=2", "eval.enabled=false"]  # fmt: skip
+           "schedule.iters_per_epoch=2", "eval.enabled=false", "distill.cache=use",
+           f"distill.cache_dir={tmp_path / 'cache'}", "distill.cache_check_batches=2"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "train.log").read_text()
     assert "2 process(es)" in log and "Iteration[2/2]" in log and "teacher retr_demo" in log
+    assert "teacher cache matches the live teacher at epoch 0 step 1" in log
+    assert (tmp_path / "cache" / "meta.json").is_file()
 
 
 @pytest.mark.slow

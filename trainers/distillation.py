@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from configs import ExperimentConfig
-from distill.cache import TeacherCache, batch_keys, open_cache
+from distill.cache import TeacherCache, open_cache
 from distill.losses import KDLoss
 from distill.teacher import Teacher, load_teacher
 from trainers.losses import RetrievalLoss
@@ -60,7 +60,7 @@ class DistillCriterion(nn.Module):
         # rank r's slice of the global batch, cut into grad_accum micro-batches of `size`
         offset = self.rank * size * self.accum + int(batch["micro"]) * size
         device = batch["image"].device
-        cached = self.cache.lookup(int(batch["epoch"]), int(batch["step"]), offset, batch_keys(batch), device)
+        cached = self.cache.lookup(int(batch["epoch"]), int(batch["step"]), offset, list(batch["key"]), device)
         if self.checked < self.check_batches:
             self.checked += 1
             compare_with_live(cached, self.teacher(batch["image"]), self.tolerance, self.cache.folder, batch)

@@ -162,9 +162,7 @@ def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Ac
     labels = batch["label"].to(accelerator.device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    accum = cfg.optim.grad_accum
-    position = {"epoch": prog.epoch, "step": prog.batch_in_epoch // accum, "micro": prog.batch_in_epoch % accum}
-    batch = {**batch, **position, "image": images, "label": labels}
+    batch = {**batch, "image": images, "label": labels}  # with its other keys (key, epoch, step, micro) for criteria
     buffers = [b.detach().clone() for b in parts.raw_model.buffers()]  # BN statistics, restored on a skip
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
