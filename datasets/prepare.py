@@ -25,7 +25,7 @@ from tqdm import tqdm
 from configs import ExperimentConfig, PrepareConfig, load_config
 from datasets.crop import CropError, CropSettings, crop_record
 from datasets.records import Record, stats_table
-from datasets.shardguard import ShardsBusy, check_source, writer_lock
+from datasets.shardguard import ShardsBusy, check_source, describe, recorded_source, writer_lock
 from datasets.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -284,7 +284,19 @@ def ensure_shards(cfg: ExperimentConfig) -> dict:
                 log.info("no shards in %s yet: preparing the embedded sample", shards)
                 manifest = prepare_from_config(cfg, progress=False)
                 log.info("wrote %s/%s\n%s", shards, MANIFEST, summary(manifest))
-    return read_manifest(shards)
+    manifest = read_manifest(shards)
+    warn_other_source(cfg, manifest)
+    return manifest
+
+
+def warn_other_source(cfg: ExperimentConfig, manifest: dict) -> None:
+    """Say so when the shards were made from another reader or root than the config names (a forgotten
+    ``data.shards``); not an error, because shards are often copied to where the raw data is not."""
+    made = recorded_source(manifest)
+    wanted = {"reader": cfg.data.reader, "root": os.path.abspath(cfg.data.root)}
+    if any(made[k] != wanted[k] for k in made.keys() & wanted.keys()):
+        log.warning("the shards in %s were made from %s, not from this config's %s: is data.shards right?",
+                    cfg.data.shards, describe(made), describe(wanted))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

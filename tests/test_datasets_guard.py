@@ -180,3 +180,19 @@ def test_indexing_an_old_manifest_in_place_holds_the_writer_lock(tmp_path, monke
     monkeypatch.setattr(index_mod, "verify_once", while_indexing)
     assert index_mod.add_index(out) == 1
     assert seen == ["refused"]
+
+
+def test_training_on_shards_of_another_source_says_so(tmp_path, caplog):
+    """A forgotten data.shards at training time: the shards of another reader/root are read, but not silently."""
+    out = tmp_path / "shards"
+    guard = Guard({"reader": "folders", "root": str(tmp_path / "img")})
+    prepare_shards(tiny_records(tmp_path / "img"), out, PrepareConfig(workers=1), progress=False, guard=guard)
+    same = load_config("reid_demo", ["data.reader=folders", f"data.root={tmp_path / 'img'}", f"data.shards={out}"])
+    with caplog.at_level("WARNING"):
+        prepare_mod.ensure_shards(same)
+    assert "were made from" not in caplog.text
+    other = load_config("reid_demo", ["data.reader=market1501", f"data.root={tmp_path / 'm'}", f"data.shards={out}"])
+    with caplog.at_level("WARNING"):
+        assert prepare_mod.ensure_shards(other)["splits"]["train"]["count"] == 3
+    assert f"{out} were made from reader=folders root={tmp_path / 'img'}, not from this config's " in caplog.text
+    assert "reader=market1501" in caplog.text
