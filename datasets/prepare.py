@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -177,10 +179,19 @@ def prepare_shards(
     with writer_lock(out, guard.wait_s):
         check_source(out, complete_manifest(out), guard.source, guard.replace)
         (out / MANIFEST).unlink(missing_ok=True)  # from here on, no manifest until every shard is complete
+        remove_partial(out)  # a killed writer's partial shards: on a full disk they hold the space needed now
         entries = {}
-        for name, recs in splits.items():
-            views = prepare.gallery_views if name == gallery_split else 0
-            entries[name] = write_split(out, name, recs, prepare, root, views, progress)
+        try:
+            for name, recs in splits.items():
+                views = prepare.gallery_views if name == gallery_split else 0
+                entries[name] = write_split(out, name, recs, prepare, root, views, progress)
+        except BaseException as exc:
+            remove_partial(out)  # this run's partial shard (the lock makes every temp file here ours or stale)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(out).free
+                raise OSError(exc.errno, f"no space left on device while writing shards into {out} ({free:,} bytes "
+                              "free there); free space and re-run datasets.prepare") from None  # fmt: skip
+            raise
         keep = {s["file"] for e in entries.values() for s in e["shards"]}
         remove_stale(out, keep, list(entries))
         settings = dict(dataclasses.asdict(prepare), root=root, gallery_split=gallery_split)
@@ -192,6 +203,12 @@ def prepare_shards(
         write_json_atomic(out / MANIFEST, manifest)
         reverify(out, manifest)
     return manifest
+
+
+def remove_partial(out: Path) -> None:
+    """Delete the temporary files of unfinished writes in ``out`` (only while holding its writer lock)."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def complete_manifest(out: Path) -> dict | None:

@@ -85,11 +85,25 @@ class ShardSink:
             # fixed owner, mode, int mtime (a float adds a PAX header per member): byte-identical tars on re-runs
             self._writer = wds.TarWriter(self._file, user="detretr", group="detretr", mode=0o444, mtime=0)
         body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        self._writer.write({"__key__": sample_key(self.split, meta["index"]), "jpg": jpg, "json": body})
+        try:
+            self._writer.write({"__key__": sample_key(self.split, meta["index"]), "jpg": jpg, "json": body})
+        except BaseException:
+            self.abort()
+            raise
         self.count += 1
         self._in_shard += 1
         if self._in_shard == self.shard_size:
             self._close_shard()
+
+    def abort(self) -> None:
+        """Drop the shard being written after a failed write (a full disk): close it and remove its temp file."""
+        try:
+            self._writer.close()
+        except (OSError, ValueError):  # a full disk fails the tar's end blocks as well; the file goes anyway
+            pass
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+        self._writer, self._file, self._in_shard = None, None, 0
 
     def _close_shard(self) -> None:
         self._writer.close()

@@ -196,3 +196,29 @@ def test_training_on_shards_of_another_source_says_so(tmp_path, caplog):
         assert prepare_mod.ensure_shards(other)["splits"]["train"]["count"] == 3
     assert f"{out} were made from reader=folders root={tmp_path / 'img'}, not from this config's " in caplog.text
     assert "reader=market1501" in caplog.text
+
+
+def test_a_full_disk_while_preparing_names_the_folder_and_frees_the_partial_shard(tmp_path, monkeypatch):
+    """Like a checkpoint: the error says so with the folder, and no partial file keeps holding the space (nor one
+    that a killed prepare left: it is removed before writing starts)."""
+    import errno
+
+    from datasets import shards as shards_mod
+
+    out, recs = tmp_path / "shards", tiny_records(tmp_path / "img")
+    out.mkdir()
+    (out / ".train-000000.tar.999-deadbeef.tmp").write_bytes(b"\0" * 4096)  # left by a killed prepare
+    real, calls = shards_mod.wds.TarWriter.write, []
+
+    def full_after_one(self, obj):
+        calls.append(obj["__key__"])
+        if len(calls) == 2:
+            self.tarstream.fileobj.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, obj)
+
+    monkeypatch.setattr(shards_mod.wds.TarWriter, "write", full_after_one)
+    with pytest.raises(OSError, match=rf"no space left on device while writing shards into {out}") as err:
+        prepare_shards(recs, out, PrepareConfig(workers=1, shard_size=10), progress=False)
+    assert err.value.errno == errno.ENOSPC
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / MANIFEST).exists()
