@@ -85,11 +85,7 @@ def _pid_alive(pid: int) -> bool:
 def job_state(job: submitit.Job, cluster: str) -> str:
     """SLURM's state (through sacct), or for a local job: RUNNING / FINISHED / FAILED / CANCELLED / DIED."""
     if cluster == "slurm":
-        state = job.watcher.get_state(job.job_id, mode="force")
-        if state == "UNKNOWN":  # sacct may not list a job submitted a moment ago; squeue does
-            queued = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
-            state = queued.stdout.strip() or state
-        return state
+        return slurm_state(job)
     record_path = Path(job.paths.folder) / RECORD
     if record_path.is_file() and json.loads(record_path.read_text()).get("cancelled"):
         return "CANCELLED"
@@ -99,6 +95,13 @@ def job_state(job: submitit.Job, cluster: str) -> str:
     if outcome is None:
         return "DIED"
     return "FINISHED" if outcome["state"] == "success" else "FAILED"
+
+
+def slurm_state(job: submitit.Job) -> str:
+    """The job's current state: squeue's while SLURM holds the job (sacct may not list a job submitted a moment
+    ago, and for a requeued job it also lists the earlier allocations' REQUEUED records), else sacct's."""
+    queued = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
+    return queued.stdout.strip() or job.watcher.get_state(job.job_id, mode="force")
 
 
 def outcome_line(outcome: dict[str, Any]) -> str:
@@ -154,7 +157,8 @@ def cancel(job_id: str, runs: str | Path, deadline_s: float = 60.0) -> int:
 def _active(state: str, cluster: str, job: submitit.Job) -> bool:
     if cluster == "local":
         return _pid_alive(int(job.job_id))
-    return state.split()[0] in ("RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+    return state.split()[0] in ("RUNNING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
+                                "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")  # fmt: skip
 
 
 def record_wait_s(job: submitit.Job) -> float:
@@ -167,6 +171,8 @@ def job_done(job: submitit.Job) -> bool:
     """Whether the job ended; a local job found again by --status (no process handle) is checked by pid."""
     if isinstance(job, submitit.local.local.LocalJob) and job._process is None:
         return not _pid_alive(int(job.job_id))
+    if isinstance(job, submitit.SlurmJob):
+        return not _active(slurm_state(job), "slurm", job)
     return job.done(force_check=True)
 
 

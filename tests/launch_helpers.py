@@ -41,8 +41,9 @@ def preempt(job: submitit.Job) -> None:
     if isinstance(job, submitit.SlurmJob):
         # USR2 only, as at a time limit (SLURM's preemption SIGTERM also reaches DataLoader workers, which
         # torch makes exit on SIGTERM unless the loader's worker_init_fn ignores it).
+        before = restarts(job.job_id)
         job._interrupt(timeout=True)
-        release_requeued(job.job_id)
+        release_requeued(job.job_id, after=before)
         return
     pid = int(job.job_id)
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -51,15 +52,27 @@ def preempt(job: submitit.Job) -> None:
             os.kill(int(child), sig)
 
 
-def release_requeued(job_id: str, deadline_s: float = 60.0) -> None:
-    """A requeued SLURM job is held ~120 s (BeginTime); start it now once it is pending again."""
+def restarts(job_id: str) -> int:
+    """How often SLURM requeued the job (``Restarts=`` of ``scontrol show job``)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    found = re.search(r"Restarts=(\d+)", out)
+    return int(found.group(1)) if found else 0
 
-    def pending() -> bool:
+
+def release_requeued(job_id: str, deadline_s: float = 120.0, after: int | None = None) -> None:
+    """A requeued SLURM job is often held ~120 s (BeginTime); start it now once it is pending again.
+
+    ``after``: the restart count before the requeue; a job that already started again then counts as released.
+    """
+
+    def requeued() -> bool:
         out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-        return out.strip() == "PENDING"
+        if out.strip() == "PENDING":
+            return True
+        return after is not None and restarts(job_id) > after and out.strip() == "RUNNING"
 
-    wait_for(pending, deadline_s, f"job {job_id} to be requeued")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_for(requeued, deadline_s, f"job {job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
 
 
 def log_ints(path: Path, pattern: str) -> list[int]:
