@@ -48,14 +48,12 @@ def combined_score(det_score: float, similarity: float) -> float:
     return float(det_score) * (1.0 + float(similarity)) / 2.0
 
 
-def _candidates(bank: GalleryBank, q: torch.Tensor, k: int, rerank: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine similarities, gallery indices) [Q, k] in ranking order (re-ranked order when asked)."""
+def _candidates(bank: GalleryBank, q: torch.Tensor, k: int, rerank: bool) -> torch.Tensor:
+    """Gallery indices [Q, k] in ranking order (re-ranked order when asked)."""
     if not rerank:
-        return bank.search(q, k, raw=False)
+        return bank.search(q, k, raw=False)[1]
     dist = k_reciprocal_rerank(q, bank.features, metric="cosine")
-    idx = torch.topk(dist, k, dim=1, largest=False).indices
-    sims = (q[:, None, :] * bank.features[idx]).sum(-1)
-    return sims, idx
+    return torch.topk(dist, k, dim=1, largest=False).indices
 
 
 def match(bank: GalleryBank, raw_features: torch.Tensor, opts: MatchOptions) -> list[dict]:
@@ -66,10 +64,12 @@ def match(bank: GalleryBank, raw_features: torch.Tensor, opts: MatchOptions) -> 
     if bank.metric != "ip":
         raise ValueError("the recogniser needs an L2-normalised bank (cosine similarities)")
     q = torch.from_numpy(bank.prepare_query(raw_features))
-    if opts.query_expansion:
-        q = alpha_query_expansion(q, bank.features, k=opts.query_expansion)
+    ranker = alpha_query_expansion(q, bank.features, k=opts.query_expansion) if opts.query_expansion else q
     k = min(len(bank), max(64, 8 * opts.topk))  # enough rows to find topk distinct SKUs among their views
-    sims, idx = _candidates(bank, q, k, opts.rerank)
+    idx = _candidates(bank, ranker, k, opts.rerank)
+    # QE and re-ranking only order the candidates: the reported similarity (threshold, score rule) is the
+    # crop's own cosine, since an expanded query is pulled towards the bank and would hide unknown products
+    sims = (q[:, None, :] * bank.features[idx.clamp(min=0)]).sum(-1)
     out = []
     for row_sims, row_idx in zip(sims.tolist(), idx.tolist()):
         alternatives, seen = [], set()
