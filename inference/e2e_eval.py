@@ -64,10 +64,11 @@ def coco_map(gt: dict, dets: list[dict]) -> tuple[float, float]:
 
 
 def agnostic(gt: dict, dets: list[dict]) -> tuple[dict, list[dict]]:
-    """Ground truth and detections with one category."""
+    """Ground truth and detections with one category, detections ranked by the detector's own score (row (a)
+    judges the boxes; the combined score would let retrieval reorder them)."""
     gt1 = dict(gt, annotations=[dict(a, category_id=1) for a in gt["annotations"]],
                categories=[{"id": 1, "name": "object"}])  # fmt: skip
-    return gt1, [dict(d, category_id=1) for d in dets]
+    return gt1, [dict(d, category_id=1, score=d.get("det_score", d["score"])) for d in dets]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

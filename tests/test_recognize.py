@@ -98,6 +98,34 @@ def test_open_set_threshold_qe_and_rerank(setup):
         MatchOptions(unknown_threshold=1.5)
 
 
+def test_query_expansion_and_rerank_do_not_inflate_the_open_set_similarity():
+    import torch
+
+    from inference.bank import GalleryBank
+    from inference.match import match
+
+    eye = torch.eye(8)
+    bank = GalleryBank.build(eye[:3].repeat(3, 1), identities=[1, 2, 3] * 3)  # 3 SKUs, 3 rows each
+    query = torch.tensor([[0.5, 0.0, 0.0, 0.866, 0.0, 0.0, 0.0, 0.0]])  # cosine 0.5 to SKU 1, a new product
+    for opts in (MatchOptions(unknown_threshold=0.55, query_expansion=3),
+                 MatchOptions(unknown_threshold=0.55, query_expansion=3, rerank=True)):  # fmt: skip
+        (m,) = match(bank, query, opts)
+        assert m["similarity"] == pytest.approx(0.5, abs=1e-3)  # the crop's own cosine, as the docs say
+        assert m["category_id"] == UNKNOWN and m["alternatives"][0]["category_id"] == 1
+
+
+def test_class_agnostic_row_ranks_boxes_by_the_detector_score():
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}], "categories": [{"id": 1}, {"id": 2}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900,
+                           "iscrowd": 0}]}  # fmt: skip
+    hit = {"image_id": 1, "bbox": [10, 10, 30, 30], "category_id": 2, "det_score": 0.9, "det_label": 0}
+    miss = {"image_id": 1, "bbox": [60, 60, 30, 30], "category_id": 1, "det_score": 0.5, "det_label": 0}
+    # a poor match lowers the combined score of the detector's best box below its false positive's
+    dets = [dict(hit, score=combined_score(0.9, -0.2)), dict(miss, score=combined_score(0.5, 0.9))]
+    table = evaluate(gt, dets, None)
+    assert table.rows["a"] == pytest.approx((1.0, 1.0))  # (a) judges the detector's boxes, not retrieval
+
+
 def test_unreadable_images_are_counted_and_reported(setup, tmp_path):
     folder = tmp_path / "queries"
     folder.mkdir()
