@@ -169,6 +169,8 @@ class GalleryBank:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
+        with open(tmp, "rb") as fh:  # on disk before the rename: a crash must not publish an empty file
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
 
     @classmethod

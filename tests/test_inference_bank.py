@@ -89,3 +89,23 @@ def test_bad_input(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a gallery bank"):
         GalleryBank.load(tmp_path / "other.pt")
+
+
+def test_a_new_version_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    import os
+
+    from inference import bankstore
+
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    bank = GalleryBank.build(torch.eye(4), identities=[1, 2, 3, 4])
+    items = [{"identity": i, "name": str(i), "source": f"{i}.jpg", "box": None, "view": "orig"} for i in range(1, 5)]
+    bankstore.write_version(tmp_path / "bank", bankstore.BankVersion(bank, items, {"fingerprint": {}}))
+    # every file of the version is synced before the folder is renamed and CURRENT points at it
+    assert any(name.startswith(".bank.pt.tmp") for name in synced), synced
+    assert {"items.json", "meta.json"} <= set(synced)
