@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from inference.extract import embed
-from inference.retriever import META_PREFIX, load_retriever, model_spec
+from inference.retriever import META_PREFIX, crop_spec, load_retriever, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def export_checkpoint(checkpoint: str, out: str | Path, config: str | None = Non
         META_PREFIX + "weights_sha256": fp.weights_sha256,
         META_PREFIX + "dim": str(fp.dim),
         META_PREFIX + "checkpoint": str(Path(checkpoint).name),
+        META_PREFIX + "crop": json.dumps(crop_spec(cfg), sort_keys=True),
     }
     data = export_onnx(retriever.model, cfg.data.height, cfg.data.width, meta)
     write_atomic(data, Path(out))

@@ -59,6 +59,13 @@ def model_spec(cfg: ExperimentConfig) -> dict:
     }
 
 
+def crop_spec(cfg: ExperimentConfig) -> dict:
+    """How the run cut its training crops (``data.prepare``): an exported file carries it, so that a gallery
+    built from the file alone crops the library as training did."""
+    p = cfg.data.prepare
+    return {"padding": p.padding, "min_size": p.min_size, "max_side": p.max_side, "quality": p.quality}
+
+
 def spec_sha256(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -184,7 +191,11 @@ def load_onnx_retriever(path: str | Path, cfg: ExperimentConfig | None = None, d
     if spec is not None and cfg is not None and spec != model_spec(cfg):
         diff = _spec_diff(spec, model_spec(cfg))
         raise ValueError(f"{path} does not match the config: {diff}")
-    cfg = cfg or spec_config(spec)
+    if cfg is None:
+        cfg = spec_config(spec)
+        if META_PREFIX + "crop" in meta:
+            for key, value in json.loads(meta[META_PREFIX + "crop"]).items():
+                setattr(cfg.data.prepare, key, value)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if str(device).startswith("cuda") else None
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
     _check_onnx_shapes(path, session, cfg)

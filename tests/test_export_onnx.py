@@ -66,6 +66,11 @@ def test_exported_file_embeds_like_its_checkpoint(exported):
     assert onnx_r.fingerprint == torch_r.fingerprint  # a bank built with the .pth accepts the .onnx
     crops = [Image.new("RGB", (40 + 7 * i, 60), (30 * i, 200 - 20 * i, 90)) for i in range(3)]
     assert (torch_r.embed(crops) - onnx_r.embed(crops)).abs().max() < 1e-4
+    # a gallery built from the file alone crops the library as the run's training did (retr_demo pads 5 %)
+    from inference.crops import crop_settings
+
+    assert torch_r.cfg.data.prepare.padding == 0.05 and torch_r.cfg.data.prepare.max_side == 128
+    assert crop_settings(onnx_r.cfg.data.prepare) == crop_settings(torch_r.cfg.data.prepare)
 
 
 def test_onnx_that_does_not_match_the_config_is_an_error(exported):
