@@ -63,6 +63,8 @@ class Run:
     image_ids: list[int]
     skipped: list[str]
     seconds: dict[str, float]
+    dropped_boxes: list[str] = field(default_factory=list)
+    """boxes that give no crop (under ``min_size`` or outside the image), one reason each"""
 
     @property
     def images(self) -> int:
@@ -71,7 +73,8 @@ class Run:
     def summary(self) -> str:
         total = self.seconds["total"]
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items() if k != "total")
-        return (f"recognised {self.images} images ({len(self.results)} boxes, {len(self.skipped)} skipped) in "
+        return (f"recognised {self.images} images ({len(self.results)} boxes, {len(self.skipped)} skipped, "
+                f"{len(self.dropped_boxes)} boxes too small or outside the image dropped) in "
                 f"{total:.1f} s: {self.images / max(total, 1e-9):.2f} images/s ({parts})")  # fmt: skip
 
 
@@ -142,7 +145,8 @@ def recognize(
         raise ValueError("boxes='detector' needs a detector")
     bank.check_retriever(retriever.fingerprint)
     settings = CropSettings(**bank.meta["crop"])
-    results, done, skipped, seconds = [], [], [], dict.fromkeys(("read", "detect", "embed", "match"), 0.0)
+    results, done, skipped, dropped = [], [], [], []
+    seconds = dict.fromkeys(("read", "detect", "embed", "match"), 0.0)
     start = time.perf_counter()
     bar = tqdm(total=len(queries), desc="recognise", unit="img", disable=not progress)
     for s in range(0, len(queries), batch_images):
@@ -157,14 +161,16 @@ def recognize(
                 log.warning("skipped: %s", exc)
         seconds["read"] += time.perf_counter() - t
         if batch:
-            results += _recognise_batch(batch, boxes, detector, retriever, bank, settings, opts, seconds)
+            results += _recognise_batch(batch, boxes, detector, retriever, bank, settings, opts, seconds, dropped)
         bar.update(len(queries[s : s + batch_images]))
     bar.close()
     seconds["total"] = time.perf_counter() - start
-    return Run(results, done, skipped, seconds)
+    if dropped:
+        log.warning("dropped %d box(es) that give no crop, e.g. %s", len(dropped), dropped[0])
+    return Run(results, done, skipped, seconds, dropped)
 
 
-def _recognise_batch(batch, boxes, detector, retriever, bank, settings, opts, seconds) -> list[dict]:
+def _recognise_batch(batch, boxes, detector, retriever, bank, settings, opts, seconds, dropped) -> list[dict]:
     t = time.perf_counter()
     dets = _boxes(batch, boxes, detector)
     seconds["detect"] += time.perf_counter() - t
@@ -175,7 +181,8 @@ def _recognise_batch(batch, boxes, detector, retriever, bank, settings, opts, se
             box = [x1, y1, x2 - x1, y2 - y1]
             try:
                 crops.append(crop_box(img, box, settings, name=str(q.path)))
-            except CropError:  # under min_size or outside the image: not a product crop
+            except CropError as exc:  # under min_size or outside the image: not a product crop (counted)
+                dropped.append(f"image {q.image_id} box {[round(float(v), 1) for v in box]}: {exc}")
                 continue
             owners.append((q.image_id, box, float(d.scores[j]), int(d.labels[j])))
     feats = retriever.embed(crops)

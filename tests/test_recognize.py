@@ -126,6 +126,19 @@ def test_class_agnostic_row_ranks_boxes_by_the_detector_score():
     assert table.rows["a"] == pytest.approx((1.0, 1.0))  # (a) judges the detector's boxes, not retrieval
 
 
+def test_boxes_that_give_no_crop_are_counted_and_reported(setup):
+    s = setup
+
+    def detector(images):
+        boxes = np.array([[10, 10, 60, 60], [5, 5, 7, 7], [5000, 5000, 5100, 5100]], dtype=float)  # 2 give no crop
+        return [recognize.Detections(boxes, np.full(3, 0.9), np.zeros(3, int)) for _ in images]
+
+    run = recognize.recognize(s["queries"][:1], s["retriever"], s["bank"], MatchOptions(), "detector", detector,
+                              progress=False)  # fmt: skip
+    assert len(run.results) == 1 and len(run.dropped_boxes) == 2
+    assert "2 boxes too small or outside the image dropped" in run.summary()
+
+
 def test_unreadable_images_are_counted_and_reported(setup, tmp_path):
     folder = tmp_path / "queries"
     folder.mkdir()
