@@ -113,13 +113,31 @@ def bench(setup: str, seeds: list[int], work: Path) -> list[dict]:
         rows.append(train(name, student, alone_dir, {**record, "role": "alone"}, results))
         kd = [*student, "trainer=distill", f"distill.teacher_checkpoint={teacher['best_path']}", *KD]
         rows.append(train(name, kd, work / f"{setup}_student_kd_s{seed}", {**record, "role": "distilled"}, results))
-    t_cfg = load_config(*overrides(task, work, t_bb, t_ep, iters, 0))
-    s_cfg = load_config(*overrides(task, work, s_bb, s_ep, iters, 0))
-    speed = compare(s_cfg, t_cfg, batch=64, rounds=5)
-    for r in rows:
-        r["speedup"] = speed["speedup"]
-        r["teacher_bb"], r["student_bb"], r["size"] = t_bb, s_bb, f"{t_cfg.data.height}x{t_cfg.data.width}"
-    return rows
+    return [{**r, "setup": setup} for r in rows]  # the alone runs a setup shares are its rows too
+
+
+def from_results(work: Path) -> list[dict]:
+    """The rows of every setup from ``results.jsonl`` (a setup's student-alone runs may carry another setup's
+    name: the setups of one task share them)."""
+    rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    for setup, (task, *_) in SETUPS.items():
+        for r in rows:
+            shared = r["role"] == "alone" and SETUPS[r["setup"]][0] == task
+            if r["setup"] == setup or shared:
+                out.append({**r, "setup": setup})
+    return [r for r in out if any(x["setup"] == r["setup"] and x["role"] == "distilled" for x in out)]
+
+
+def speedups(setups: list[str], work: Path) -> dict[str, float]:
+    """Student / teacher embedding images/s of each setup at its input size (same process, alternating)."""
+    out = {}
+    for setup in setups:
+        task, t_bb, t_ep, s_bb, s_ep, iters = SETUPS[setup]
+        t_cfg = load_config(*overrides(task, work, t_bb, t_ep, iters, 0))
+        s_cfg = load_config(*overrides(task, work, s_bb, s_ep, iters, 0))
+        out[setup] = compare(s_cfg, t_cfg, batch=64, rounds=5)["speedup"]
+    return out
 
 
 def _stat(rows: list[dict], key: str) -> str:
@@ -129,21 +147,27 @@ def _stat(rows: list[dict], key: str) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def table(rows: list[dict]) -> str:
+def _gains(by: dict) -> str:
+    """Distilled minus alone mAP for each seed (the pair shares its initial weights and batches)."""
+    alone = {r["seed"]: r["mAP"] for r in by["alone"]}
+    return ", ".join(f"{100 * (r['mAP'] - alone[r['seed']]):+.1f}" for r in by["distilled"] if r["seed"] in alone)
+
+
+def table(rows: list[dict], speed: dict[str, float]) -> str:
     lines = [
-        "| setup | data | teacher (epochs) -> student | teacher mAP / R1 | student alone mAP / R1 | "
-        "student distilled mAP / R1 | seeds | student speed-up |",
+        "| setup | data, input | teacher (epochs) -> student (epochs) | teacher mAP / R1 | student alone mAP / R1 | "
+        "student distilled mAP / R1 | mAP gain per seed | student speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for setup in dict.fromkeys(r["setup"] for r in rows):
         mine = [r for r in rows if r["setup"] == setup]
         by = {role: [r for r in mine if r["role"] == role] for role in ("teacher", "alone", "distilled")}
-        task, _, t_ep, _, s_ep, _ = SETUPS[setup]
-        data = "mars_mini" if task == "reid" else "grocery_store"
+        task, t_bb, t_ep, s_bb, s_ep, _ = SETUPS[setup]
+        data = "mars_mini, 64x32" if task == "reid" else "grocery_store, 64x64"
         cells = [f"{_stat(by[k], 'mAP')} / {_stat(by[k], 'rank1')}" for k in ("teacher", "alone", "distilled")]
         lines.append(
-            f"| {setup} | {data}, {mine[0]['size']} | {mine[0]['teacher_bb']} ({t_ep}) -> {mine[0]['student_bb']} "
-            f"({s_ep}) | {' | '.join(cells)} | {len(by['distilled'])} | x{mine[0]['speedup']:.2f} |"
+            f"| {setup} | {data} | {t_bb} ({t_ep}) -> {s_bb} ({s_ep}) | {' | '.join(cells)} | {_gains(by)} | "
+            f"x{speed[setup]:.2f} |"
         )
     return "\n".join(lines)
 
@@ -153,6 +177,7 @@ def main() -> None:
     parser.add_argument("--task", default="all", help="comma-separated setups (reid, retail, cross) or all")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--work", default="/tmp/bench_distill_quality")
+    parser.add_argument("--table-only", action="store_true", help="tabulate <work>/results.jsonl, train nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.work)
@@ -162,9 +187,13 @@ def main() -> None:
     unknown = [s for s in setups if s not in SETUPS]
     if unknown:
         parser.error(f"unknown setups {unknown}; choose from {sorted(SETUPS)}")
-    rows = [row for s in setups for row in bench(s, seeds, work)]
-    (work / f"table_{'_'.join(setups)}.md").write_text(table(rows) + "\n")
-    print(table(rows))
+    if not args.table_only:
+        for setup in setups:
+            bench(setup, seeds, work)
+    rows = [r for r in from_results(work) if r["setup"] in setups]
+    text = table(rows, speedups(list(dict.fromkeys(r["setup"] for r in rows)), work))
+    (work / f"table_{'_'.join(setups)}.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
