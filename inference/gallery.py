@@ -129,7 +129,7 @@ def _add(root, records, retriever, progress) -> BankVersion:
         raise ValueError("nothing to add: no library records were given")
     start = time.perf_counter()
     views = ViewConfig(**{**old.meta["views"], "scales": tuple(old.meta["views"]["scales"])})
-    settings = crop_settings(retriever.cfg.data.prepare)
+    settings = CropSettings(**old.meta["crop"])  # the bank's own crops (data.prepare is not in the fingerprint)
     feats, items, skipped = embed_records(records, retriever, settings, views, progress)
     if not items:
         raise ValueError(f"all {len(records)} records to add were skipped (e.g. {skipped[0]})")

@@ -81,6 +81,21 @@ def test_add_embeds_only_the_new_images_and_keeps_the_old_version(bank, retrieve
     assert after.items[int(idx[0, 0])]["identity"] > 20
 
 
+def test_add_crops_as_the_bank_was_cropped(bank, retriever, sample_root, monkeypatch):
+    import copy
+
+    other_crops = copy.copy(retriever)  # same model (same fingerprint), another config's data.prepare
+    other_crops.cfg = copy.deepcopy(retriever.cfg)
+    other_crops.cfg.data.prepare.padding, other_crops.cfg.data.prepare.max_side = 0.3, 512
+    seen = []
+    real = gallery.embed_records
+    monkeypatch.setattr(gallery, "embed_records", lambda recs, r, settings, *a: seen.append(settings) or
+                        real(recs, r, settings, *a))  # fmt: skip
+    gallery.add(bank, library(sample_root)[-1:], other_crops, progress=False)
+    crop = read_version(bank).meta["crop"]
+    assert (seen[0].padding, seen[0].max_side) == (crop["padding"], crop["max_side"]) == (0.05, 128)
+
+
 @pytest.mark.parametrize("index", ["flat", "ivf", "hnsw"])
 def test_remove_a_sku_or_an_image_for_every_index(tmp_path, sample_root, retriever, index):
     records = [r for r in library(sample_root, per_sku=2) if r.identity <= 8]
