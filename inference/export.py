@@ -115,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output .onnx file")
     parser.add_argument("--check", type=int, default=4, help="compare N random images through onnxruntime (0 = no)")
     args, overrides = parser.parse_known_args(argv)
+    if overrides and not args.config:  # they would change nothing: the run's config.json is read as it is
+        parser.error(f"{' '.join(overrides)}: key=value overrides need --config NAME")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         diff = export_checkpoint(args.checkpoint, args.out, args.config, overrides, args.check)

@@ -86,6 +86,15 @@ def test_export_errors_are_reported_without_traceback(tmp_path, caplog):
     assert "does not exist" in caplog.text
 
 
+def test_overrides_or_a_mistyped_option_without_config_are_refused(exported, tmp_path, capsys):
+    ckpt, _ = exported
+    for extra in (["data.height=96"], ["--chek", "0"]):
+        with pytest.raises(SystemExit) as err:
+            main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"), *extra])
+        assert err.value.code == 2 and "need --config" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_foreign_onnx_is_checked_against_the_config_shapes(tmp_path):
     from inference.models import build_model
 
