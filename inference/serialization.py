@@ -56,3 +56,22 @@ def _first_line(exc: BaseException) -> str:
     first = text[0] if text else ""
     first = first.split(". ")[0]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def require_private(folder: str | os.PathLike, what: str) -> None:
+    """Refuse ``folder`` (and everything in it, and its parent) when someone else owns it or others can write it.
+
+    For files that a library unpickles fully (DeepSpeed's ZeRO optimizer shards): they are trusted only when
+    no other user could have placed or changed them.
+    """
+    root = os.path.abspath(folder)
+    paths = [os.path.dirname(root), root]
+    for base, dirs, files in os.walk(root):
+        paths += [os.path.join(base, name) for name in dirs + files]
+    for path in paths:
+        st = os.lstat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ValueError(
+                f"{what} {root} is not loaded: {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}; "
+                "its files are unpickled (which can run code), so they must be yours and writable only by you"
+            )

@@ -118,3 +118,22 @@ def test_busy_shards_and_a_full_disk_are_one_line_too(tmp_path, capsys, monkeypa
         assert err.startswith("error: ") and text in err.splitlines()[0] and "Traceback" not in err
     with pytest.raises(OSError, match="Permission denied|Bad file"):  # other system errors keep their traceback
         run_cli(lambda argv: os.close(-1), [])
+
+
+def test_fully_unpickled_state_must_be_private(tmp_path):
+    """DeepSpeed unpickles its ZeRO shards fully: they are loaded only when no other user could have written them."""
+    from inference.serialization import require_private
+
+    zero = tmp_path / "checkpoints" / "state-000000006.zero"
+    (zero / "pytorch_model").mkdir(parents=True)
+    shard = zero / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"")
+    shard.chmod(0o644)
+    require_private(zero, "DeepSpeed state")
+    shard.chmod(0o666)
+    with pytest.raises(ValueError, match=f"DeepSpeed state {zero} is not loaded: {shard} is owned by uid"):
+        require_private(zero, "DeepSpeed state")
+    shard.chmod(0o644)
+    zero.parent.chmod(0o777)  # a checkpoints folder others can write: they could have swapped the whole state
+    with pytest.raises(ValueError, match="mode 777"):
+        require_private(zero, "DeepSpeed state")

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from configs import ExperimentConfig, load_config, save_config, to_dict
+from inference.serialization import require_private
 from trainers import checkpoint as ckpt
 from trainers.distillation import build_distill_parts
 from trainers.monitor import log_line, manifest_table, setup_logging
@@ -133,7 +134,9 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
     except RuntimeError as exc:
         raise ValueError(f"--resume {path}: the state holds another model than {cfg.model.backbone}: {exc}") from None
     if "zero" in state["optimizer"]:
-        accelerator.load_state(str(Path(path).with_name(state["optimizer"]["zero"])))
+        zero = Path(path).with_name(state["optimizer"]["zero"])
+        require_private(zero, "DeepSpeed state")  # DeepSpeed unpickles its shards fully: only our own files
+        accelerator.load_state(str(zero))
     else:
         parts.optimizer.load_state_dict(state["optimizer"])
     parts.criterion.load_state_dict(state["center"])
