@@ -82,6 +82,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _controller_alive(job: submitit.Job) -> bool:
+    """Whether the local job's controller (its pid is the job id) still runs. Pids are reused, so where /proc
+    shows command lines the process must also be submitit's controller of this job folder: a stale job id must
+    never make --cancel signal an unrelated process."""
+    pid = int(job.job_id)
+    if not _pid_alive(pid):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.is_dir():
+        return True
+    try:
+        args = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    folder = str(Path(job.paths.folder).parent)
+    return "submitit.local._local" in args and any(a.startswith(folder + os.sep) for a in args)
+
+
 def job_state(job: submitit.Job, cluster: str) -> str:
     """SLURM's state (through sacct), or for a local job: RUNNING / FINISHED / FAILED / CANCELLED / DIED."""
     if cluster == "slurm":
@@ -89,7 +107,7 @@ def job_state(job: submitit.Job, cluster: str) -> str:
     record_path = Path(job.paths.folder) / RECORD
     if record_path.is_file() and json.loads(record_path.read_text()).get("cancelled"):
         return "CANCELLED"
-    if _pid_alive(int(job.job_id)):
+    if _controller_alive(job):
         return "RUNNING"
     outcome = read_result(job.paths.folder)
     if outcome is None:
@@ -138,9 +156,8 @@ def cancel(job_id: str, runs: str | Path, deadline_s: float = 60.0) -> int:
     if cluster == "slurm":
         job.cancel(check=True)
     else:
-        pid = int(job.job_id)
-        if _pid_alive(pid):
-            os.kill(pid, signal.SIGINT)  # the local controller stops its tasks on SIGINT
+        if _controller_alive(job):
+            os.kill(int(job.job_id), signal.SIGINT)  # the local controller stops its tasks on SIGINT
         record_path = Path(job.paths.folder) / RECORD
         record = json.loads(record_path.read_text())
         record["cancelled"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -156,7 +173,7 @@ def cancel(job_id: str, runs: str | Path, deadline_s: float = 60.0) -> int:
 
 def _active(state: str, cluster: str, job: submitit.Job) -> bool:
     if cluster == "local":
-        return _pid_alive(int(job.job_id))
+        return _controller_alive(job)
     return state.split()[0] in ("RUNNING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
                                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT")  # fmt: skip
 
@@ -170,7 +187,7 @@ def record_wait_s(job: submitit.Job) -> float:
 def job_done(job: submitit.Job) -> bool:
     """Whether the job ended; a local job found again by --status (no process handle) is checked by pid."""
     if isinstance(job, submitit.local.local.LocalJob) and job._process is None:
-        return not _pid_alive(int(job.job_id))
+        return not _controller_alive(job)
     if isinstance(job, submitit.SlurmJob):
         return not _active(slurm_state(job), "slurm", job)
     return job.done(force_check=True)

@@ -190,3 +190,19 @@ def test_waiting_shows_the_jobs_progress_from_its_log(tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 1, "an unchanged state is shown once"
     assert lines[0].startswith("job 42 [0:00] epoch 3, step 20/27")
+
+
+def test_a_stale_local_job_id_never_signals_an_unrelated_process(tmp_path, capsys):
+    """A local job id is its controller's pid, and pids are reused: --cancel must not signal whoever has it now."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        folder = tmp_path / "retr_demo" / str(other.pid)
+        folder.mkdir(parents=True)
+        record = {"job_id": str(other.pid), "cluster": "local", "config": "retr_demo", "num_tasks": 1, "time_min": 5}
+        (folder / "launch.json").write_text(json.dumps(record))
+        assert main(["--cancel", str(other.pid), "--runs", str(tmp_path)]) == 0
+        assert "already DIED; nothing to cancel" in capsys.readouterr().out
+        assert other.poll() is None, "an unrelated process was signalled"
+    finally:
+        other.kill()
+        other.wait()
