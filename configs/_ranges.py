@@ -94,6 +94,7 @@ RANGES: dict[str, Range] = {
     "train.seed": NON_NEGATIVE,
     "train.log_every": COUNT,
     "train.dist_timeout_s": Range(1, 86400),
+    "train.threads": NON_NEGATIVE,
     "eval.every": NON_NEGATIVE,
     "checkpoint.every_steps": COUNT,
     "checkpoint.keep_last": COUNT,

@@ -13,6 +13,7 @@ from configs._ranges import check_ranges, check_tree
 from datasets.readers import READERS
 from inference.aggregate import POOLINGS
 from inference.heads import HEADS
+from trainers.registry import TRAINERS
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -267,6 +268,9 @@ class TrainConfig:
     """DeepSpeed JSON (configs/deepspeed/*.json); empty = plain DDP"""
     dist_timeout_s: int = 600
     """seconds a collective waits for the other processes before failing (a stopped or lost rank)"""
+    threads: int = 0
+    """torch intra-op threads per process (0 = the cores this process may use, shared by the processes of the
+    node, less its data loader workers; OMP_NUM_THREADS, when set, wins)"""
 
     def __post_init__(self) -> None:
         _choice("train.precision", self.precision, ("no", "fp16", "bf16"))
@@ -427,7 +431,7 @@ class ExperimentConfig:
     name: str = "experiment"
     """experiment name (runs/NAME/...)"""
     trainer: str = "retrieval"
-    """trainer module: retrieval, distill or detection"""
+    """what trains it: a key of trainers.registry.TRAINERS (detection configs are mmengine configs)"""
     output_dir: str = "runs"
     """root of the run directories"""
     data: DataConfig = field(default_factory=DataConfig)
@@ -452,5 +456,5 @@ class ExperimentConfig:
     """knowledge distillation (read by trainer="distill" only)"""
 
     def __post_init__(self) -> None:
-        _choice("trainer", self.trainer, ("retrieval", "distill", "detection"))
+        _choice("trainer", self.trainer, TRAINERS)
         check_tree(self)  # every numeric field of every section, by its dotted key (configs/_ranges.py)

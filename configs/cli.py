@@ -28,12 +28,13 @@ def debug_requested(argv: list[str]) -> bool:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
-    """Call ``main`` with the arguments (``--debug`` removed); the exit code: 0 when it returns (whatever it
-    returns: a detector trained without evaluation returns no metrics), 2 for an error the user can fix."""
+    """Call ``main`` with the arguments (``--debug`` removed); the exit code: the one ``main`` returns as an int,
+    else 0 when it returns (a detector trained without evaluation returns no metrics); 2 for an error the user
+    can fix."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(args)
     try:
-        main([a for a in args if a != DEBUG_FLAG])
+        result = main([a for a in args if a != DEBUG_FLAG])
     except (*USER_ERRORS, OSError) as exc:
         if debug or not (isinstance(exc, USER_ERRORS) or exc.errno in NO_SPACE):
             raise
@@ -41,4 +42,6 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
         rank = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
         print(f"{rank}error: {exc}\n{rank}(run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
         return 2
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result
     return 0

@@ -25,11 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def trainer_module(cfg: ExperimentConfig | None) -> str:
-    """Module whose ``run`` trains the config; mmengine configs -> detection; distillation runs the retrieval
-    trainer's loop (its parts come from ``trainers.setup.TRAINERS``)."""
-    if cfg is None:
-        return "trainers.detection"
-    return "trainers.retrieval" if cfg.trainer == "distill" else f"trainers.{cfg.trainer}"
+    """Module whose ``run`` trains the config: the one training loop for every registered trainer
+    (``cfg.trainer`` picks what it trains); mmengine configs -> detection."""
+    return "trainers.detection" if cfg is None else "trainers.retrieval"
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -147,26 +145,33 @@ class TrainJob(submitit.helpers.Checkpointable):
         # SLURM signals every process of the step; forked helpers (DataLoader workers) must not die of it.
         os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))
         try:
-            return self._run_trainer(run_dir)
-        except SystemExit as exc:
-            # Contract with the trainers: after SIGUSR2/SIGTERM they save their state at the next step
-            # boundary and raise SystemExit(128 + signal). On SLURM only the time-limit signal requeues:
-            # SIGTERM is also what `scancel` sends, and a cancelled job must stay cancelled (a SLURM
-            # preemption requeues the job itself; it then resumes through SLURM_RESTART_COUNT above).
-            # The local executor cancels with SIGINT, so there a SIGTERM to the tasks is a preemption.
-            log.info("rank %d: the trainer stopped with exit code %s", rank, exc.code)
-            codes = {128 + sig} if cluster == "slurm" else {128 + sig, 128 + signal.SIGTERM}
-            if exc.code in codes and rank == 0 and not requeued:
-                log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
-                requeue(sig, None)
-            raise
+            result, code = self._run_trainer(run_dir)
+            if not code:
+                return result
+        except SystemExit as exc:  # the detection trainer stops by raising SystemExit(128 + signal)
+            code = exc.code
+        # After SIGUSR2/SIGTERM the trainers save their state at the next step boundary and stop with the exit
+        # code 128 + signal. On SLURM only the time-limit signal requeues: SIGTERM is also what `scancel` sends,
+        # and a cancelled job must stay cancelled (a SLURM preemption requeues the job itself; it then resumes
+        # through SLURM_RESTART_COUNT above). The local executor cancels with SIGINT, so there a SIGTERM to the
+        # tasks is a preemption.
+        log.info("rank %d: the trainer stopped with exit code %s", rank, code)
+        codes = {128 + sig} if cluster == "slurm" else {128 + sig, 128 + signal.SIGTERM}
+        if code in codes and rank == 0 and not requeued:
+            log.info("trainer stopped on a signal with its state saved; requeueing with resume=auto")
+            requeue(sig, None)
+        raise SystemExit(code)
 
-    def _run_trainer(self, run_dir: Path) -> Any:
+    def _run_trainer(self, run_dir: Path) -> tuple[Any, int]:
+        """The trainer's result and the exit code its module maps it to (``exit_code``; 0 when it has none)."""
         module = importlib.import_module(self.trainer)
         if self.cfg is None:  # mmengine config: trainers.detection.run(name, run_dir, resume, cfg_options)
             options = list(self.options) or None
-            return module.run(self.config_name, run_dir=str(run_dir), resume=self.resume or False, cfg_options=options)
-        return module.run(self.cfg, run_dir=str(run_dir), resume=self.resume)
+            resume = self.resume or False
+            result = module.run(self.config_name, run_dir=str(run_dir), resume=resume, cfg_options=options)
+        else:
+            result = module.run(self.cfg, run_dir=str(run_dir), resume=self.resume)
+        return result, module.exit_code(result) if hasattr(module, "exit_code") else 0
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption / time limit: requeue the same job resuming from its state."""

@@ -1,7 +1,7 @@
 """Launcher end to end on submitit's local executor (no SLURM): submit 2 tasks, preempt, resume, status, cancel.
 
-These use tests/tiny_trainer.py (same run/resume/signal contract as the retrieval trainer, seconds to run);
-tests/test_launch_retr_demo.py runs the real retr_demo.
+The real trainer (trainers/retrieval.py) runs a tiny model on the sample; tests/test_launch_retr_demo.py runs the
+whole retr_demo recipe with evaluation (slow).
 """
 
 from __future__ import annotations
@@ -19,8 +19,20 @@ from launch import jobs
 from launch.slurm import main, submit
 from tests.launch_helpers import log_ints, logged_steps, preempt, wait_for
 
-EPOCHS, ITERS, EVERY = 2, 40, 10
+EPOCHS, ITERS, EVERY = 3, 40, 10
+TINY = [
+    "model.backbone=test_resnet",
+    "data.height=32",
+    "data.width=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "eval.enabled=false",
+    "train.log_every=1",
+    "schedule.warmup_epochs=1",
+    "schedule.milestones=2",
+]
 OVERRIDES = [
+    *TINY,
     "launch.cpu_tasks=2",
     "launch.cpus_per_task=1",
     "launch.time_min=5",
@@ -31,27 +43,38 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory):
+def shards(tmp_path_factory) -> list[str]:
+    from datasets.prepare import main as prepare
+
+    root = tmp_path_factory.mktemp("sample")
+    data = [f"data.root={root / 'raw'}", f"data.shards={root / 'shards'}"]
+    prepare(["--config", "retr_demo", "--no-progress", *data])
+    return data
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, shards):
     """A 2-task local job preempted after its step-20 checkpoint, requeued, and finished."""
     root = tmp_path_factory.mktemp("runs")
-    job = submit("retr_demo", [*OVERRIDES, f"output_dir={root}"], cluster="local", trainer="tests.tiny_trainer")
+    job = submit("retr_demo", [*OVERRIDES, *shards, f"output_dir={root}"], cluster="local")
     folder = Path(job.paths.folder)
-    wait_for(lambda: (folder / "checkpoints" / "step_20.pt").exists(), 90, "the step-20 checkpoint")
+    state = folder / "checkpoints" / "state-000000020.pt"
+    wait_for(state.exists, 240, "the step-20 state")
     preempt(job)
     assert jobs.wait_done(job, 120), "the preempted job did not finish within 120 s"
     return job, folder, root
 
 
-def test_local_job_trains_with_two_synced_tasks(preempted):
+def test_local_job_trains_with_two_synced_tasks(preempted, shards):
     job, folder, _ = preempted
     results = job.results()  # this test's own job: its result pickles are trusted here, never by the launcher
     assert [r["world_size"] for r in results] == [2, 2]
     record = json.loads((folder / "result.json").read_text())
     assert record["state"] == "success" and record["result"] == json.loads(json.dumps(results[0]))
-    assert all(r["steps"] == EPOCHS * ITERS for r in results)
+    assert all(r["global_step"] == EPOCHS * ITERS and r["ended"] == "finished" for r in results)
     assert folder.name == job.job_id and folder.parent.name == "retr_demo"
     saved = from_dict(json.loads((folder / "config.json").read_text()))
-    assert saved == load_config("retr_demo", OVERRIDES + [f"output_dir={folder.parents[1]}"])
+    assert saved == load_config("retr_demo", [*OVERRIDES, *shards, f"output_dir={folder.parents[1]}"])
     for rank in (0, 1):
         assert (folder / f"{job.job_id}_{rank}_log.err").is_file()
     assert list((folder / "tb").glob("events.out.tfevents.*"))
@@ -61,8 +84,8 @@ def test_local_job_trains_with_two_synced_tasks(preempted):
 def test_local_preemption_requeues_and_resumes_without_losing_steps(preempted, capsys):
     job, folder, _ = preempted
     log = folder / f"{job.job_id}_0_log.err"
-    (saved_at,) = log_ints(log, r"state saved at step (\d+)")
-    (resumed_from,) = log_ints(log, r"resumed from step (\d+)")
+    (saved_at,) = log_ints(log, r"stopped by SIG\w+ at epoch \d+ step \d+ \(global step (\d+)\)")
+    (resumed_from,) = log_ints(log, r"resumed from .*: epoch \d+, step \d+ \(global step (\d+)\)")
     with capsys.disabled():
         print(f"\nlocal tiny job preempted: state saved at step {saved_at}, resumed from step {resumed_from}")
     assert "Requeued job" in log.read_text()
@@ -80,9 +103,8 @@ def test_status_reports_the_finished_job(preempted, capsys):
     assert f"job {job.job_id} (local): FINISHED" in out and "world_size=2" in out
 
 
-def test_cancel_stops_a_local_job_and_reports_it(tmp_path, capsys):
-    job = submit("retr_demo", [*OVERRIDES, "schedule.epochs=1000", f"output_dir={tmp_path}"], cluster="local",
-                 trainer="tests.tiny_trainer")  # fmt: skip
+def test_cancel_stops_a_local_job_and_reports_it(tmp_path, shards, capsys):
+    job = submit("retr_demo", [*OVERRIDES, *shards, "schedule.epochs=1000", f"output_dir={tmp_path}"], cluster="local")
     start = time.monotonic()
     assert main(["--cancel", job.job_id, "--runs", str(tmp_path)]) == 0
     assert time.monotonic() - start < 30

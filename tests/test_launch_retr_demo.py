@@ -65,8 +65,8 @@ def test_retr_demo_is_preempted_resumes_and_evaluates(cluster, demo, capsys):
     log = folder / f"{job.job_id}_0_log.err"
     text = log.read_text()
     assert "Job completed successfully" in text, text[-3000:]
-    (stopped_at,) = log_ints(log, r"stopped by SIG\w+ at epoch \d+ step (\d+)")
-    (resumed_from,) = log_ints(log, r"resumed from .*: epoch \d+, batch \d+, step (\d+)")
+    (stopped_at,) = log_ints(log, r"stopped by SIG\w+ at epoch \d+ step \d+ \(global step (\d+)\)")
+    (resumed_from,) = log_ints(log, r"resumed from .*: epoch \d+, step \d+ \(global step (\d+)\)")
     with capsys.disabled():  # shown in the test output: the step the job resumed from
         print(f"\n{cluster} job {job.job_id} preempted: state saved at step {stopped_at}, resumed from {resumed_from}")
     assert "Requeued job" in text

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from configs import LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from configs import LossConfig, ModelConfig, OptimConfig, ScheduleConfig, load_config
 from inference.models import build_model
 from trainers.losses import RetrievalLoss, batch_hard_triplet, pairwise_distances
 from trainers.optim import build_optimizer, build_scheduler, lr_factor
@@ -44,15 +44,20 @@ def test_weighted_sum_and_terms():
     assert torch.allclose(terms["loss"], terms["ce"] + terms["triplet"] + terms["center"])
 
 
-def test_center_grad_is_unscaled_by_weight():
-    cfg = LossConfig(ce_weight=0.0, triplet_weight=0.0, center_weight=5e-4)
-    crit = RetrievalLoss(cfg, num_classes=3, feat_dim=2)
+def test_center_step_uses_the_unweighted_gradient():
+    """The strong baseline moves the centers by loss.center_lr times the gradient of the unweighted center loss."""
+    from trainers.setup import make_accelerator, prepare_parts
+
+    cfg = load_config("retr_demo", ["model.backbone=test_resnet", "loss.center_weight=5e-4", "loss.center_lr=0.5"])
+    crit = RetrievalLoss(cfg.loss, num_classes=3, feat_dim=2)
+    model = build_model(cfg.model, num_classes=3, img_size=(32, 32))
+    parts = prepare_parts(model, crit, cfg, make_accelerator(cfg), steps=1)
     feat, labels = torch.randn(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
-    crit({"feat": feat}, {"label": labels})["loss"].backward()
-    crit.unscale_center_grad()
-    ref = crit.center.centers.detach().clone().requires_grad_(True)
+    parts.criterion({"feat": feat}, {"label": labels})["loss"].backward()
+    ref = parts.criterion.center.centers.detach().clone().requires_grad_(True)
     ((feat - ref[labels]).pow(2).sum(1).mean()).backward()
-    assert torch.allclose(crit.center.centers.grad, ref.grad)
+    parts.aux_optimizer.step()
+    assert torch.allclose(parts.criterion.center.centers.detach(), ref.detach() - 0.5 * ref.grad, atol=1e-6)
 
 
 def test_all_zero_weights_rejected():

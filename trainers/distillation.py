@@ -21,7 +21,7 @@ from distill.losses import KDLoss
 from distill.teacher import Teacher, load_teacher
 from trainers.losses import RetrievalLoss
 from trainers.optim import build_optimizer, scaled_lr
-from trainers.setup import Parts, build_parts, global_batch
+from trainers.setup import Parts, build_retrieval_parts, global_batch
 
 log = logging.getLogger("trainers.retrieval")
 
@@ -49,9 +49,6 @@ class DistillCriterion(nn.Module):
     @property
     def center(self):
         return self.base.center
-
-    def unscale_center_grad(self) -> None:
-        self.base.unscale_center_grad()
 
     def teacher_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         if self.cache is None:
@@ -88,7 +85,7 @@ def compare_with_live(cached: dict, live: dict, tolerance: float, folder, batch:
     log.info("teacher cache matches the live teacher at epoch %d step %d", int(batch["epoch"]), int(batch["step"]))
 
 
-def build_distill_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: int, loader_len: int) -> Parts:
+def build_distill_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_classes: int, steps: int) -> Parts:
     """The retrieval parts for the student, then the teacher, the distillation terms and their optimizer."""
     d = cfg.distill
     d.check_for_training()
@@ -99,7 +96,7 @@ def build_distill_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_cla
             f"student's: the teacher has {teacher.num_classes}, the training split {num_classes}; train the teacher "
             "on the same shards, or use only distill.embed_weight / distill.relation_weight"
         )
-    parts = build_parts(cfg, accelerator, num_classes, loader_len)
+    parts = build_retrieval_parts(cfg, accelerator, num_classes, steps)
     kd = KDLoss(d, parts.raw_model.dim, teacher.dim).to(accelerator.device)
     cache = None
     if d.cache != "off":
@@ -119,7 +116,8 @@ def build_distill_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_cla
     if trainable:
         # the student's learning rate (after optim.lr_scaling); constant, like the centers'
         optim = dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, global_batch(cfg)))
-        parts.extra_optimizer = accelerator.prepare(build_optimizer(kd, optim))
+        fused = accelerator.state.deepspeed_plugin is None  # so that the loop can skip its step on the device
+        parts.extra_optimizer = accelerator.prepare(build_optimizer(kd, optim, fused=fused))
     log.info(
         "distillation: %s; student %s (%d-d) <- teacher %s (%d-d)%s",
         ", ".join(f"{k}={getattr(d, k)}" for k in ("kl_weight", "js_weight", "embed_weight", "relation_weight")),

@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from configs import LossConfig
+if TYPE_CHECKING:  # reachable from the config schema (trainers.registry): no runtime import of configs
+    from configs import LossConfig
 
 
 def pairwise_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,9 @@ class CenterLoss(nn.Module):
 
 
 class RetrievalLoss(nn.Module):
-    """Weighted sum of the configured terms; ``forward(outputs, batch)`` -> {"ce", "triplet", "center", "loss"}."""
+    """Weighted sum of the configured terms; ``forward(outputs, batch)`` -> {"ce", "triplet", "center", "loss"}.
+
+    ``batch`` is the micro-batch (its ``label``); the center-loss centers are this module's parameters."""
 
     def __init__(self, cfg: LossConfig, num_classes: int, feat_dim: int) -> None:
         super().__init__()
@@ -78,7 +83,6 @@ class RetrievalLoss(nn.Module):
         self.center = CenterLoss(num_classes, feat_dim) if cfg.center_weight > 0 else None
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        """``batch``: the micro-batch on the device (``label`` is read here)."""
         cfg, labels = self.cfg, batch["label"]
         terms: dict[str, torch.Tensor] = {}
         if cfg.ce_weight > 0:
@@ -91,8 +95,3 @@ class RetrievalLoss(nn.Module):
             terms["center"] = cfg.center_weight * self.center(outputs["feat"], labels)
         terms["loss"] = sum(terms.values())
         return terms
-
-    def unscale_center_grad(self) -> None:
-        """The strong baseline: the center optimizer sees the gradient without the loss weight."""
-        if self.center is not None and self.center.centers.grad is not None:
-            self.center.centers.grad.mul_(1.0 / self.cfg.center_weight)

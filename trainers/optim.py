@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from configs import OptimConfig, ScheduleConfig
+if TYPE_CHECKING:  # reachable from the config schema (trainers.registry): no runtime import of configs
+    from configs import OptimConfig, ScheduleConfig
 
 NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -52,15 +54,17 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """SGD (momentum), Adam or AdamW over ``param_groups``."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum), Adam or AdamW over ``param_groups``; ``fused``: torch's single-kernel implementation
+    (CPU and CUDA), which a loss scaler can tell to skip a step without a host sync."""
     groups = param_groups(model, cfg)
+    fused = fused or None  # None: torch picks foreach or for-loop
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
     raise ValueError(f"optim.name={cfg.name!r} is not valid; choose one of ['adam', 'adamw', 'sgd']")
 
 

@@ -1,318 +1,184 @@
-"""Retrieval / ReID trainer on Accelerate: ``accelerate launch trainers/retrieval.py --config NAME [overrides]``.
+"""The training loop of every registered trainer (``trainers.registry.TRAINERS``; ``retrieval`` by default):
+``accelerate launch trainers/retrieval.py --config NAME [overrides]``.
 
-One loop: stream P x K (or balanced) batches from the shards, CE/triplet/center losses, per-iteration lr,
-evaluation through ``inference.evaluate``, best weights ``mAPxx.x.pth``, resumable state, TensorBoard.
+One ``fit`` loop: micro-batches from the stream, forward, the criterion's terms, backward, an optimizer step per
+global batch (skipped on the device when the loss is not finite), per-step lr, log lines and TensorBoard scalars
+at ``train.log_every``, resumable state at ``checkpoint.every_steps``, a signal or ``--max-steps``, and at each
+epoch's end; evaluation through ``inference.evaluate`` with the best weights kept as ``mAPxx.x.pth``. Nothing in
+a step waits for the device: values are read at log intervals, and the stop signal is agreed on a CPU group.
+``run()`` returns how the run ended; ``main()`` turns that into the exit code the launcher expects.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs import ExperimentConfig, load_config, save_config, to_dict
-from inference.serialization import require_private
 from trainers import checkpoint as ckpt
-from trainers.distillation import build_distill_parts
 from trainers.monitor import log_line, manifest_table, setup_logging
-from trainers.setup import (
-    Parts,
-    build_parts,
-    check_data,
-    hparams,
-    make_accelerator,
-    resolve_run_dir,
-    resolved_optim,
-)
+from trainers.registry import trainer_builder
+from trainers.setup import Parts, check_data, make_accelerator, resolve_run_dir, resolved_optim, set_threads
+from trainers.state import Progress, restore_state, write_state
+from trainers.stepping import StepGuard, StopSignal
 
 log = logging.getLogger("trainers.retrieval")
 
-STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+FINISHED, SIGNAL, MAX_STEPS = "finished", "signal", "max_steps"
 
 
-# cfg.trainer -> the function that builds the parts of the one training loop below
-TRAINERS = {"retrieval": build_parts, "distill": build_distill_parts}
+def fit(parts, stream, guard, cfg, accelerator, prog, run_dir, signals, max_steps=0) -> tuple[str, int]:
+    """Train from ``prog``'s position to the end; return how it stopped (FINISHED, SIGNAL, MAX_STEPS) and the
+    signal. Every process runs the same steps and stops at the same one."""
+    accum, meter = cfg.optim.grad_accum, Meter(accelerator)
+    while prog.epoch < cfg.schedule.epochs:
+        steps = cfg.schedule.iters_per_epoch or stream.num_steps(prog.epoch)
+        steps = min(steps, stream.num_steps(prog.epoch))  # a P x K epoch may come out a few batches short
+        parts.model.train()
+        with progress_bar(prog, steps, accelerator) as bar:
+            for i, batch in enumerate(stream.epoch(prog.epoch, prog.step)):
+                if prog.step >= steps:
+                    break
+                if i % accum == 0:
+                    seed_step(cfg.train.seed, prog.epoch, prog.step, accelerator.process_index)
+                    guard.begin()
+                meter.add(micro_step(batch, parts, guard, cfg, accelerator), batch)
+                if i % accum < accum - 1:
+                    continue
+                guard.step()
+                parts.scheduler.step()  # also after a skipped step: the lr stays a function of the step count
+                prog.step, prog.global_step = prog.step + 1, prog.global_step + 1
+                bar.update()
+                if prog.global_step % cfg.train.log_every == 0 or prog.step == steps:
+                    report(meter, guard, parts, cfg, accelerator, prog, steps, bar)
+                signum = signals.poll()
+                if signum or prog.global_step == max_steps:
+                    return stop(parts, guard, cfg, accelerator, prog, run_dir, signum)
+                if prog.global_step % cfg.checkpoint.every_steps == 0:
+                    write_state(parts, prog, cfg, accelerator, run_dir, guard.scaler)
+        if should_evaluate(cfg, prog.epoch):
+            prog.metrics = evaluate(parts, cfg, accelerator, prog, run_dir)
+        prog.epoch, prog.step = prog.epoch + 1, 0
+        write_state(parts, prog, cfg, accelerator, run_dir, guard.scaler)
+    return FINISHED, 0
 
 
-def trainer_parts(name: str):
-    if name not in TRAINERS:
-        raise ValueError(f"trainer={name!r} has no parts builder; choose one of {sorted(TRAINERS)}")
-    return TRAINERS[name]
-
-
-class Stopped(SystemExit):
-    """Raised after the resumable state was written because of a signal or ``max_steps``."""
-
-
-@dataclass
-class Progress:
-    """Where training is: the data position (epoch, micro-batches consumed) and what was achieved."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    global_step: int = 0
-    best_map: float = -1.0
-    best_path: str = ""
-    nan_run: int = 0
-    metrics: dict = field(default_factory=dict)
-
-
-class SignalFlag:
-    """Remembers SIGUSR2/SIGTERM so the loop can write its state at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def collect_state(parts: Parts, prog: Progress, cfg: ExperimentConfig, accelerator: Accelerator) -> dict:
-    """Everything needed to continue exactly; RNG states of every rank (a collective call)."""
-    rngs = gather_object([ckpt.rng_state()])
-    state = {
-        "model": parts.raw_model.state_dict(),
-        "optimizer": parts.optimizer.state_dict(),
-        "center": parts.criterion.state_dict(),
-        "center_optimizer": parts.center_optimizer.state_dict() if parts.center_optimizer else {},
-        "extra_optimizer": parts.extra_optimizer.state_dict() if parts.extra_optimizer else {},
-        "scheduler": parts.scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-        "rng": rngs,
-        "epoch": prog.epoch,
-        "batch_in_epoch": prog.batch_in_epoch,
-        "global_step": prog.global_step,
-        "best_map": prog.best_map,
-        "best_path": prog.best_path,
-        "world_size": accelerator.num_processes,
-        "config": to_dict(cfg),
-    }
-    return state
-
-
-def write_state(parts: Parts, prog: Progress, cfg: ExperimentConfig, accelerator: Accelerator, run_dir: Path) -> Path:
-    state = collect_state(parts, prog, cfg, accelerator)
-    path = ckpt.state_path(run_dir / "checkpoints", prog.global_step)
-    if accelerator.state.deepspeed_plugin is not None:  # ZeRO shards the optimizer: every rank writes its part
-        accelerator.save_state(str(path.with_suffix(".zero")))
-        state["optimizer"] = {"zero": path.with_suffix(".zero").name}
-    if accelerator.is_main_process:
-        path = ckpt.save_state(state, run_dir / "checkpoints", prog.global_step, cfg.checkpoint.keep_last)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator) -> tuple[Progress, dict]:
-    """Load a state written by ``write_state``; refuses a changed config or another model."""
-    state = ckpt.load_state(path)
-    changes = ckpt.config_changes(state["config"], to_dict(cfg))
-    if changes:
-        raise ValueError(f"--resume {path}: the config changed since that state was written: {'; '.join(changes)}")
-    if state["world_size"] != accelerator.num_processes:
-        log.info("resuming with %d processes, the state was written with %d: the global batches stay the same",
-                 accelerator.num_processes, state["world_size"])  # fmt: skip
-    try:
-        parts.raw_model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"--resume {path}: the state holds another model than {cfg.model.backbone}: {exc}") from None
-    if "zero" in state["optimizer"]:
-        zero = Path(path).with_name(state["optimizer"]["zero"])
-        require_private(zero, "DeepSpeed state")  # DeepSpeed unpickles its shards fully: only our own files
-        accelerator.load_state(str(zero))
-    else:
-        parts.optimizer.load_state_dict(state["optimizer"])
-    parts.criterion.load_state_dict(state["center"])
-    if parts.center_optimizer is not None:
-        parts.center_optimizer.load_state_dict(state["center_optimizer"])
-    if parts.extra_optimizer is not None:
-        parts.extra_optimizer.load_state_dict(state["extra_optimizer"])
-    parts.scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state["scaler"]:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    prog = Progress(
-        state["epoch"], state["batch_in_epoch"], state["global_step"], state["best_map"], state["best_path"]
-    )
-    rngs = state["rng"]
-    rng = rngs[accelerator.process_index] if accelerator.process_index < len(rngs) else rngs[0]
-    log.info(
-        "resumed from %s: epoch %d, batch %d, step %d", path, prog.epoch + 1, prog.batch_in_epoch, prog.global_step
-    )
-    return prog, rng
-
-
-def train_step(batch: dict, parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress):
-    """One micro-batch: forward, losses, backward, (at accumulation boundaries) optimizer steps."""
+def micro_step(batch: dict, parts: Parts, guard: StepGuard, cfg: ExperimentConfig, accelerator: Accelerator) -> dict:
+    """Forward, the criterion's terms and backward of one micro-batch (moved to the device); returns the terms
+    and the accuracy, as device tensors."""
     # DeepSpeed fp16/bf16 holds the weights themselves in half precision (no autocast): feed that dtype
     images = batch["image"].to(accelerator.device, dtype=parts.input_dtype, non_blocking=True)
-    labels = batch["label"].to(accelerator.device, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    batch = {**batch, "image": images, "label": labels}  # with its other keys (key, epoch, step, micro) for criteria
-    buffers = [b.detach().clone() for b in parts.raw_model.buffers()]  # BN statistics, restored on a skip
+    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch["image"] = images
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
-            out = parts.model(images, labels)
-            if parts.input_dtype != torch.float32:  # the losses (and center-loss parameters) stay in float32
+            out = parts.model(images, batch["label"])
+            if parts.input_dtype != torch.float32:  # the losses (and the criterion's parameters) stay in float32
                 out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
             terms = parts.criterion(out, batch)
-        finite = torch.isfinite(terms["loss"].detach()).float()
-        if accelerator.num_processes > 1:  # all ranks skip together or none does
-            finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
-        if finite.item() < 1.0:
-            with torch.no_grad():
-                for buf, saved in zip(parts.raw_model.buffers(), buffers):
-                    buf.copy_(saved)
-            return skip_nan_step(parts, cfg, prog, terms)
-        prog.nan_run = 0
-        accelerator.backward(terms["loss"])
-        if accelerator.sync_gradients:
-            sync_criterion_grad(parts, accelerator)
-            if cfg.optim.clip_grad > 0:
-                accelerator.clip_grad_norm_(parts.model.parameters(), cfg.optim.clip_grad)
-        parts.optimizer.step()  # Accelerate's wrapper (or DeepSpeed's engine) steps at accumulation boundaries
-        parts.optimizer.zero_grad(set_to_none=True)
-        # under DeepSpeed the center optimizer is a plain torch optimizer: step it at the boundaries only
-        if parts.center_optimizer is not None and accelerator.sync_gradients:
-            parts.center_optimizer.step()
-            parts.center_optimizer.zero_grad(set_to_none=True)
-        if parts.extra_optimizer is not None and accelerator.sync_gradients:
-            parts.extra_optimizer.step()
-            parts.extra_optimizer.zero_grad(set_to_none=True)
+        guard.backward(terms["loss"])
     stats = {k: v.detach().float() for k, v in terms.items()}
-    stats["acc"] = (out["logits"].detach().argmax(1) == labels).float().mean()
+    if "logits" in out:
+        stats["acc"] = (out["logits"].detach().argmax(1) == batch["label"]).float().mean()
     return stats
 
 
-def sync_criterion_grad(parts: Parts, accelerator: Accelerator) -> None:
-    """Criterion parameters (centers, a distillation projection) live outside DDP: average their gradients by
-    hand, then undo the center loss weight."""
-    if accelerator.num_processes > 1:
-        for param in parts.criterion.parameters():
-            if param.grad is not None:
-                param.grad.copy_(accelerator.reduce(param.grad, "mean"))
-    parts.criterion.unscale_center_grad()
+class Meter:
+    """Sums of the logged terms on the device; averaged over micro-batches and processes when read."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator, self.sums, self.count, self.images, self.tick = accelerator, {}, 0, 0, time.perf_counter()
+
+    def add(self, stats: dict, batch: dict) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+        self.images += len(batch["label"]) * self.accelerator.num_processes
+
+    def read(self) -> tuple[dict[str, float], float]:
+        """Means since the last read (a host sync) and images per second."""
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[k] for k in names]) / max(self.count, 1) if names else torch.zeros(0)
+        if self.accelerator.num_processes > 1 and names:
+            values = self.accelerator.reduce(values, "mean")
+        means = dict(zip(names, values.tolist()))
+        speed = self.images / max(time.perf_counter() - self.tick, 1e-9)
+        self.sums, self.count, self.images, self.tick = {}, 0, 0, time.perf_counter()
+        return means, speed
 
 
-def skip_nan_step(parts: Parts, cfg: ExperimentConfig, prog: Progress, terms: dict) -> None:
-    prog.nan_run += 1
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    log.warning("non-finite loss at step %d %s: step skipped (%d in a row)", prog.global_step, values, prog.nan_run)
-    for opt in (parts.optimizer, parts.center_optimizer, parts.extra_optimizer):
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-    if prog.nan_run >= cfg.loss.max_nan_steps:
-        raise FloatingPointError(
-            f"the loss was non-finite {prog.nan_run} steps in a row (loss.max_nan_steps={cfg.loss.max_nan_steps}); "
-            f"last terms {values}: lower optim.lr, enable optim.clip_grad or check the data"
-        )
-    return None
-
-
-def epoch_batches(stream, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress, rng: dict | None):
-    """This epoch's micro-batch iterator, starting after the ``prog.batch_in_epoch`` micro-batches already consumed
-    (states are written at step boundaries), and the epoch's number of micro-batches.
-
-    The stream starts at that step directly; its augmentation is seeded by (seed, epoch, step, position), so only
-    the trainer's own RNG needs restoring: seeded here from (seed, epoch, rank), then the saved state mid-epoch.
-    """
-    accum = cfg.optim.grad_accum
-    ckpt.seed_everything(cfg.train.seed * 1_000_003 + prog.epoch * 1009 + accelerator.process_index)
-    batches = stream.epoch(prog.epoch, prog.batch_in_epoch // accum)
-    if rng is not None and prog.batch_in_epoch > 0:
-        # mid-epoch: continue from the saved RNG; a state from an epoch's end (batch 0 of the next) has none to
-        # restore: the uninterrupted run reseeds here too
-        ckpt.set_rng_state(rng)
-    return batches, stream.num_steps(prog.epoch) * accum
-
-
-def train_epoch(stream, parts, cfg, accelerator, prog, run_dir, flag, max_steps, rng=None) -> None:
-    """Run the rest of ``prog.epoch``; raise ``Stopped`` after saving state on a signal or at ``max_steps``."""
-    accum = cfg.optim.grad_accum
-    batches, length = epoch_batches(stream, cfg, accelerator, prog, rng)
-    # the P x K plan's length varies a little per epoch: a shorter epoch ends early
-    total_batches = min(parts.steps_per_epoch, length // accum) * accum
-    parts.model.train()
-    try:
-        _train_batches(batches, total_batches, parts, cfg, accelerator, prog, run_dir, flag, max_steps)
-    finally:
-        # a failing step leaves the stream suspended inside a traceback: close it so its DataLoader workers
-        # (which ignore SIGTERM) stop now instead of blocking the interpreter's exit
-        getattr(batches, "close", lambda: None)()
-
-
-def _train_batches(batches, total_batches, parts, cfg, accelerator, prog, run_dir, flag, max_steps) -> None:
-    accum = cfg.optim.grad_accum
-    window: dict[str, float] = {}
-    seen, tick = 0, time.perf_counter()
-    while prog.batch_in_epoch < total_batches:
-        batch = next(batches)
-        stats = train_step(batch, parts, cfg, accelerator, prog)
-        prog.batch_in_epoch += 1
-        seen += len(batch["label"]) * accelerator.num_processes
-        for key, value in (stats or {}).items():
-            window[key] = window.get(key, 0.0) + float(value)
-        window["n"] = window.get("n", 0.0) + (stats is not None)
-        if prog.batch_in_epoch % accum:
-            continue
-        parts.scheduler.step()  # also after a skipped step: the lr stays a function of the step count
-        prog.global_step += 1
-        step_in_epoch = prog.batch_in_epoch // accum
-        if step_in_epoch % cfg.train.log_every == 0 or prog.batch_in_epoch == total_batches:
-            report(window, seen / (time.perf_counter() - tick), parts, accelerator, prog, total_batches // accum)
-            window, seen, tick = {}, 0, time.perf_counter()
-        stop_signal = stop_requested(flag, accelerator)
-        if stop_signal or (max_steps and prog.global_step >= max_steps):
-            stop(parts, prog, cfg, accelerator, run_dir, stop_signal)
-        if prog.global_step % cfg.checkpoint.every_steps == 0:
-            write_state(parts, prog, cfg, accelerator, run_dir)
-
-
-def report(window: dict, images_per_s: float, parts: Parts, accelerator: Accelerator, prog: Progress, total: int):
-    n = max(window.pop("n", 0.0), 1.0)
-    means = {k: v / n for k, v in window.items()}
+def report(meter, guard, parts, cfg, accelerator, prog, steps, bar) -> None:
+    """The log line and TensorBoard scalars; skipped steps are counted, and too many in a row stop the run."""
+    means, speed = meter.read()
+    skipped, worst = guard.read_skips()
     lr = parts.optimizer.param_groups[0]["lr"]
-    step = prog.batch_in_epoch // accelerator.gradient_accumulation_steps
-    log.info(log_line(prog.epoch + 1, step, total, means.get("loss", math.nan),
-                      means.get("acc", math.nan), lr, images_per_s))  # fmt: skip
+    loss, acc = means.get("loss", math.nan), means.get("acc", math.nan)
+    line = log_line(prog.epoch + 1, prog.step, steps, loss, acc, lr, speed)
+    if bar.disable:
+        log.info(line)
+    else:
+        bar.set_postfix_str(line.split("] ", 2)[-1])
     scalars = {f"train/{k}": v for k, v in means.items()}
-    scalars.update({"train/lr": lr, "train/images_per_s": images_per_s})
+    scalars.update({"train/lr": lr, "train/images_per_s": speed, "train/skipped_steps": skipped})
     accelerator.log(scalars, step=prog.global_step)
+    if skipped:
+        log.warning("non-finite loss: %d step(s) skipped before global step %d (at most %d in a row)",
+                    skipped, prog.global_step, worst)  # fmt: skip
+    if worst >= cfg.loss.max_nan_steps:
+        raise FloatingPointError(
+            f"the loss was non-finite {worst} steps in a row (loss.max_nan_steps={cfg.loss.max_nan_steps}) before "
+            f"global step {prog.global_step}: lower optim.lr, enable optim.clip_grad or check the data"
+        )
 
 
-def stop_requested(flag: SignalFlag, accelerator: Accelerator) -> int:
-    """The signal number any rank received (0 = none); every rank agrees."""
-    signum = torch.tensor(float(flag.signum), device=accelerator.device)
-    if accelerator.num_processes > 1:
-        signum = accelerator.reduce(signum, "sum")
-    return int(signum.item() > 0) and (flag.signum or int(signal.SIGTERM))
+def progress_bar(prog: Progress, steps: int, accelerator: Accelerator):
+    """A bar per epoch on the main process in an interactive terminal; otherwise the log lines stand alone."""
+    show = accelerator.is_main_process and sys.stderr.isatty()
+    bar = tqdm(total=steps, initial=prog.step, desc=f"epoch {prog.epoch + 1}", disable=not show, leave=False)
+    return _Bar(bar) if show else nullcontext(bar)
 
 
-def stop(parts, prog, cfg, accelerator, run_dir, signum: int) -> None:
-    path = write_state(parts, prog, cfg, accelerator, run_dir)
+class _Bar:
+    """The bar, with log records printed above it while it is shown."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar, self.redirect = bar, logging_redirect_tqdm()
+
+    def __enter__(self) -> tqdm:
+        self.redirect.__enter__()
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.redirect.__exit__(*exc)
+
+
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """The trainer's generators (dropout, drop path) seeded from the position: resuming needs no saved state."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
+    ckpt.seed_everything(int.from_bytes(digest, "little") >> 1)
+
+
+def stop(parts, guard, cfg, accelerator, prog, run_dir, signum: int) -> tuple[str, int]:
+    path = write_state(parts, prog, cfg, accelerator, run_dir, guard.scaler)
     reason = signal.Signals(signum).name if signum else f"max_steps={prog.global_step}"
-    code = 128 + signum if signum else 0
-    log.info("stopped by %s at epoch %d step %d: resumable state in %s; continue with --resume auto "
-             "(exit code %d)", reason, prog.epoch + 1, prog.global_step, path, code)  # fmt: skip
-    accelerator.end_training()
-    raise Stopped(code)
+    log.info("stopped by %s at epoch %d step %d (global step %d): resumable state in %s; continue with --resume "
+             "auto", reason, prog.epoch + 1, prog.step, prog.global_step, path)  # fmt: skip
+    return (SIGNAL, signum) if signum else (MAX_STEPS, 0)
 
 
 def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress, run_dir: Path) -> dict:
@@ -357,33 +223,30 @@ def should_evaluate(cfg: ExperimentConfig, epoch: int) -> bool:
     return cfg.eval.enabled and (last or (cfg.eval.every > 0 and (epoch + 1) % cfg.eval.every == 0))
 
 
-def run(
-    cfg: ExperimentConfig,
-    run_dir: str | None = None,
-    resume: str | None = None,
-    max_steps: int = 0,
-    stream_fn=None,
-    num_classes: int = 0,
-) -> dict:
-    """Train (and evaluate) ``cfg``; return the final metrics.
+def hparams(cfg: ExperimentConfig) -> dict:
+    """Flat scalar config for TensorBoard's hparams view."""
+    flat = ckpt.flatten(to_dict(cfg))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
-    ``stream_fn(cfg, rank, world_size)`` defaults to ``datasets.stream.TrainStream`` (its workers persist across
-    epochs); another one (tests), with the same ``num_steps`` / ``epoch`` / ``close``, comes with its
-    ``num_classes``.
+
+def run(cfg, run_dir=None, resume=None, max_steps=0, stream_fn=None, num_classes=0) -> dict:
+    """Train (and evaluate) ``cfg``; return the final metrics and how the run ended (``ended``: finished,
+    signal or max_steps; ``signal``: its number).
+
+    ``stream_fn(cfg, rank, world_size)`` defaults to ``datasets.stream.TrainStream``; another one (tests), with
+    the same ``num_steps`` / ``epoch`` / ``close``, comes with its ``num_classes``.
     """
     from datasets.prepare import ensure_shards
     from datasets.stream import TrainStream
 
-    accelerator = make_accelerator(cfg, resolve_run_dir(cfg, run_dir))
-    run_path = Path(broadcast_object_list([str(resolve_run_dir(cfg, run_dir))])[0])
+    accelerator = make_accelerator(cfg)
+    run_path = resolve_run_dir(cfg, run_dir, accelerator)
     resolved = resolved_optim(cfg, accelerator.num_processes)
     if accelerator.is_main_process:
-        run_path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_path / "config.json", resolved=resolved)
-    accelerator.wait_for_everyone()
     setup_logging(run_path, accelerator.is_main_process)
-    log.info("run dir %s; %d process(es) on %s, precision %s", run_path, accelerator.num_processes,
-             accelerator.device, cfg.train.precision)  # fmt: skip
+    log.info("run dir %s; %d process(es) on %s, precision %s, %s intra-op threads", run_path,
+             accelerator.num_processes, accelerator.device, cfg.train.precision, set_threads(cfg))  # fmt: skip
     log.info("global batch %d, lr %.4g (optim.lr=%.4g, optim.lr_scaling=%s, optim.reference_batch=%d)",
              resolved["global_batch"], resolved["lr"], cfg.optim.lr, cfg.optim.lr_scaling,
              cfg.optim.reference_batch)  # fmt: skip
@@ -392,36 +255,38 @@ def run(
         with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
             manifest = ensure_shards(cfg)
         num_classes = check_data(cfg, manifest, accelerator.num_processes)
-        splits = [cfg.data.train_split, cfg.data.query_split, cfg.data.gallery_split]
-        log.info("\n%s", manifest_table(manifest, splits, title=cfg.data.shards))
-    stream = stream_fn(cfg, accelerator.process_index, accelerator.num_processes)
-    ckpt.seed_everything(cfg.train.seed)
-    loader_len = stream.num_steps(0) * cfg.optim.grad_accum
-    parts = trainer_parts(cfg.trainer)(cfg, accelerator, num_classes, loader_len)
-    prog, rng = Progress(), None
-    state_file = ckpt.resolve_resume(resume, run_path)
-    if state_file is not None:
-        prog, rng = restore_state(state_file, parts, cfg, accelerator)
-    accelerator.init_trackers(cfg.name, config=hparams(cfg))
-    flag = SignalFlag()
+        log.info("\n%s", manifest_table(manifest, [cfg.data.train_split, cfg.data.query_split,
+                                                    cfg.data.gallery_split], title=cfg.data.shards))  # fmt: skip
+    stream, signals = stream_fn(cfg, accelerator.process_index, accelerator.num_processes), None
     try:
-        while prog.epoch < cfg.schedule.epochs:
-            train_epoch(stream, parts, cfg, accelerator, prog, run_path, flag, max_steps, rng)
-            rng = None
-            if should_evaluate(cfg, prog.epoch):
-                prog.metrics = evaluate(parts, cfg, accelerator, prog, run_path)
-            prog.epoch, prog.batch_in_epoch = prog.epoch + 1, 0
-            write_state(parts, prog, cfg, accelerator, run_path)
+        ckpt.seed_everything(cfg.train.seed)
+        steps = cfg.schedule.iters_per_epoch or stream.num_steps(0)
+        parts = trainer_builder(cfg.trainer)(cfg, accelerator, num_classes, steps)
+        guard = StepGuard(parts, accelerator, cfg.optim.clip_grad)
+        state_file = ckpt.resolve_resume(resume, run_path)
+        prog = restore_state(state_file, parts, cfg, accelerator, guard.scaler) if state_file else Progress()
+        accelerator.init_trackers(cfg.name, config=hparams(cfg))
+        signals = StopSignal(accelerator.num_processes)
+        ended, signum = fit(parts, stream, guard, cfg, accelerator, prog, run_path, signals, max_steps)
     finally:
-        flag.restore()
+        if signals is not None:
+            signals.close()
         stream.close()
     accelerator.end_training()
-    log.info("done: %d steps, best mAP %.1f%% (%s)", prog.global_step, 100 * max(prog.best_map, 0), prog.best_path)
+    if ended == FINISHED:
+        log.info("done: %d steps, best mAP %.1f%% (%s)", prog.global_step, 100 * max(prog.best_map, 0),
+                 prog.best_path or "no evaluation")  # fmt: skip
     return {**prog.metrics, "best_mAP": prog.best_map, "best_path": prog.best_path, "global_step": prog.global_step,
-            "run_dir": str(run_path)}  # fmt: skip
+            "run_dir": str(run_path), "world_size": accelerator.num_processes, "ended": ended,
+            "signal": signum}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict:
+def exit_code(result: dict) -> int:
+    """What the launcher expects: 128 + the signal after a stop on SIGUSR2/SIGTERM (state saved), else 0."""
+    return 128 + result["signal"] if result["ended"] == SIGNAL else 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config name in configs/ (e.g. retr_demo)")
     parser.add_argument("--resume", default=None, help="auto (newest state of --run-dir or newest run) or a file")
@@ -433,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume == "auto" and not run_dir:  # the newest run of this experiment that has a state
         runs = [p for p in (Path(cfg.output_dir) / cfg.name).glob("*") if ckpt.list_states(p / "checkpoints")]
         run_dir = str(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
-    return run(cfg, run_dir, args.resume, args.max_steps)
+    return exit_code(run(cfg, run_dir, args.resume, args.max_steps))
 
 
 if __name__ == "__main__":
