@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent(
     from trainers.setup import make_accelerator
 
     cfg = load_config("retr_demo", ["train.dist_timeout_s=3"])
-    acc = make_accelerator(cfg, __import__("pathlib").Path(sys.argv[1]))
+    acc = make_accelerator(cfg)
     acc.wait_for_everyone()
     if acc.process_index == 1:
         time.sleep(12)  # alive but not answering, like a stopped process
