@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from configs._ranges import check_ranges, check_tree
 from datasets.readers import READERS
+from datasets.samplers import SAMPLERS
 from inference.aggregate import POOLINGS
 from inference.heads import HEADS
 from trainers.registry import TRAINERS
@@ -21,7 +22,6 @@ def _choice(key: str, value, allowed) -> None:
         raise ValueError(f"{key}={value!r} is not valid; choose one of {sorted(allowed)}")
 
 
-SAMPLERS = ("pk", "balanced", "random")
 LR_SCALINGS = ("none", "linear", "sqrt")
 
 
@@ -92,7 +92,8 @@ class DataConfig:
     width: int = 128
     """network input width"""
     sampler: str = "pk"
-    """batch composition: pk (P identities x K samples), balanced (under-sample big classes), random"""
+    """batch composition, a key of datasets.samplers.SAMPLERS: pk (P identities x K samples), balanced
+    (under-sample big classes), random"""
     batch_size: int = 32
     """global batch per optimizer step across all ranks (a micro-batch = batch_size / (world size x grad_accum))"""
     num_instances: int = 4

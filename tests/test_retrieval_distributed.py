@@ -68,8 +68,7 @@ SCRIPT = textwrap.dedent(
             def epoch(self, epoch, start=0):
                 with open(os.path.join(out, f"keys{self.rank}.jsonl"), "a") as fh:
                     for batch in super().epoch(epoch, start):
-                        fh.write(json.dumps([epoch, batch["step"], self.rank, batch["micro"], batch["key"]]) + "
-")
+                        fh.write(json.dumps([epoch, batch["step"], self.rank, batch["micro"], batch["key"]]) + "\\n")
                         fh.flush()
                         yield batch
 

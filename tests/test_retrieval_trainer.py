@@ -11,7 +11,7 @@ from configs import load_config
 from datasets.prepare import main as prepare_main
 from datasets.stream import TrainStream
 from trainers import checkpoint as ckpt
-from trainers.retrieval import Stopped, run
+from trainers.retrieval import exit_code, run
 from trainers.setup import check_data
 
 FAST = [
@@ -64,9 +64,8 @@ def reference(shards, tmp_path_factory):
 
 
 def test_kill_and_resume_matches_uninterrupted(shards, reference, tmp_path):
-    with pytest.raises(Stopped) as stopped:  # mid-epoch 2
-        run(_cfg(shards), run_dir=str(tmp_path / "cut"), max_steps=4)
-    assert stopped.value.code == 0
+    stopped = run(_cfg(shards), run_dir=str(tmp_path / "cut"), max_steps=4)  # mid-epoch 2
+    assert (stopped["ended"], stopped["global_step"]) == ("max_steps", 4)
     states = ckpt.list_states(tmp_path / "cut" / "checkpoints")
     assert [p.name for p in states] == ["state-000000003.pt", "state-000000004.pt"]  # last K=2 kept
     resumed = run(_cfg(shards), run_dir=str(tmp_path / "cut"), resume="auto")
@@ -83,12 +82,11 @@ def test_resume_is_exact_with_stochastic_depth_and_persistent_workers(shards, tm
     full = run(_cfg(shards, *extra), run_dir=str(tmp_path / "full"))
     assert full["global_step"] == 6
     reference = _final_weights(tmp_path / "full")
-    with pytest.raises(Stopped):
-        run(_cfg(shards, *extra), run_dir=str(tmp_path / "cut"), max_steps=4)
+    assert run(_cfg(shards, *extra), run_dir=str(tmp_path / "cut"), max_steps=4)["ended"] == "max_steps"
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_at_3")
     for name, step in (("cut", 4), ("cut_at_3", 3)):
         state = ckpt.state_path(tmp_path / name / "checkpoints", step)
-        assert ckpt.load_state(state)["batch_in_epoch"] == (1 if step == 4 else 0)
+        assert ckpt.load_state(state)["step"] == (1 if step == 4 else 0)
         run(_cfg(shards, *extra), run_dir=str(tmp_path / name), resume=str(state))
         _assert_same(reference, _final_weights(tmp_path / name))
     without = run(_cfg(shards, "data.num_workers=2"), run_dir=str(tmp_path / "no_drop_path"))
@@ -106,9 +104,8 @@ def test_signal_writes_state_and_resume_is_exact(shards, reference, tmp_path):
             os.kill(os.getpid(), signal.SIGUSR2)
         return batch
 
-    with pytest.raises(Stopped) as stopped:
-        run(_cfg(shards), run_dir=str(tmp_path / "sig"), stream_fn=_Edited(edit), num_classes=24)
-    assert stopped.value.code == 128 + signal.SIGUSR2
+    stopped = run(_cfg(shards), run_dir=str(tmp_path / "sig"), stream_fn=_Edited(edit), num_classes=24)
+    assert (stopped["ended"], stopped["signal"], exit_code(stopped)) == ("signal", signal.SIGUSR2, 128 + signal.SIGUSR2)
     assert ckpt.list_states(tmp_path / "sig" / "checkpoints")[-1].name == "state-000000002.pt"
     run(_cfg(shards), run_dir=str(tmp_path / "sig"), resume="auto")
     _assert_same(reference, _final_weights(tmp_path / "sig"))
@@ -136,8 +133,7 @@ class _Edited:
 
 
 def test_resume_with_changed_config_says_what_changed(shards, tmp_path):
-    with pytest.raises(Stopped):
-        run(_cfg(shards), run_dir=str(tmp_path / "a"), max_steps=2)
+    assert run(_cfg(shards), run_dir=str(tmp_path / "a"), max_steps=2)["ended"] == "max_steps"
     with pytest.raises(ValueError, match=r"config changed.*optim.lr: 0.001 -> 0.002"):
         run(_cfg(shards, "optim.lr=0.002"), run_dir=str(tmp_path / "a"), resume="auto")
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -155,7 +151,7 @@ def test_nan_loss_is_skipped_then_stops(shards, tmp_path, caplog):
 
     result = run(_cfg(shards), run_dir=str(tmp_path / "one"), stream_fn=poisoned(3), num_classes=24)
     assert result["global_step"] == 6
-    assert "non-finite loss" in caplog.text and "step skipped (1 in a row)" in caplog.text
+    assert "non-finite loss: 1 step(s) skipped before global step 1 (at most 1 in a row)" in caplog.text
     weights = _final_weights(tmp_path / "one")
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
     with pytest.raises(FloatingPointError, match=r"non-finite 2 steps in a row \(loss.max_nan_steps=2\)"):
@@ -191,7 +187,7 @@ def test_deepspeed_config_files(name, tmp_path):
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == int(name[-1])
     missing = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match=f"train.deepspeed_config='{missing}' does not exist"):
-        make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={missing}"]), tmp_path)
+        make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={missing}"]))
 
 
 def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):
@@ -232,12 +228,12 @@ def test_cli_stop_then_resume_auto_finds_the_run(shards, tmp_path):
     from trainers.retrieval import main
 
     args = ["--config", "retr_demo", *FAST, f"data.shards={shards}", f"output_dir={tmp_path}", "schedule.epochs=1"]
-    with pytest.raises(Stopped):
-        main([*args, "--max-steps", "1"])
+    assert main([*args, "--max-steps", "1"]) == 0  # stopped with its state saved: not an error
     (run_dir,) = list((tmp_path / "retr_demo").iterdir())
     assert json.loads((run_dir / "config.json").read_text())["data"]["shards"] == str(shards)
-    result = main([*args, "--resume", "auto"])
-    assert result["global_step"] == 3 and result["run_dir"] == str(run_dir)
+    assert main([*args, "--resume", "auto"]) == 0
+    assert list((tmp_path / "retr_demo").iterdir()) == [run_dir]  # continued in the same run directory
+    assert ckpt.load_state(ckpt.list_states(run_dir / "checkpoints")[-1])["global_step"] == 3
 
 
 @pytest.mark.slow
@@ -266,13 +262,13 @@ def test_failing_step_exits_promptly_with_stream_workers(shards, tmp_path):
         import sys
         import trainers.retrieval as tr
         calls = []
-        step = tr.train_step
+        step = tr.micro_step
         def failing(*args, **kwargs):
             calls.append(1)
             if len(calls) == 2:
                 raise RuntimeError("injected failure in step 2")
             return step(*args, **kwargs)
-        tr.train_step = failing
+        tr.micro_step = failing
         tr.main(["--config", "retr_demo", "--run-dir", {str(tmp_path / "run")!r}, *sys.argv[1:]])
         """
     )
