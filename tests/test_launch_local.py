@@ -19,7 +19,7 @@ from launch import jobs
 from launch.slurm import main, submit
 from tests.launch_helpers import log_ints, logged_steps, preempt, wait_for
 
-EPOCHS, ITERS, EVERY = 3, 40, 10
+EPOCHS, ITERS, EVERY = 2, 20, 5
 TINY = [
     "model.backbone=test_resnet",
     "data.height=32",
@@ -35,7 +35,7 @@ OVERRIDES = [
     *TINY,
     "launch.cpu_tasks=2",
     "launch.cpus_per_task=1",
-    "launch.time_min=5",
+    "launch.time_min=30",  # the time-limit signal (launch.signal_delay_s before it) must not come on its own
     f"schedule.epochs={EPOCHS}",
     f"schedule.iters_per_epoch={ITERS}",
     f"checkpoint.every_steps={EVERY}",
@@ -54,14 +54,14 @@ def shards(tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory, shards):
-    """A 2-task local job preempted after its step-20 checkpoint, requeued, and finished."""
+    """A 2-task local job preempted after its step-10 checkpoint, requeued, and finished."""
     root = tmp_path_factory.mktemp("runs")
     job = submit("retr_demo", [*OVERRIDES, *shards, f"output_dir={root}"], cluster="local")
     folder = Path(job.paths.folder)
-    state = folder / "checkpoints" / "state-000000020.pt"
-    wait_for(state.exists, 240, "the step-20 state")
+    state = folder / "checkpoints" / "state-000000010.pt"
+    wait_for(state.exists, 240, "the step-10 state")
     preempt(job)
-    assert jobs.wait_done(job, 120), "the preempted job did not finish within 120 s"
+    assert jobs.wait_done(job, 300), "the preempted job did not finish within 300 s"
     return job, folder, root
 
 
@@ -73,7 +73,9 @@ def test_local_job_trains_with_two_synced_tasks(preempted, shards):
     assert record["state"] == "success" and record["result"] == json.loads(json.dumps(results[0]))
     assert all(r["global_step"] == EPOCHS * ITERS and r["ended"] == "finished" for r in results)
     assert folder.name == job.job_id and folder.parent.name == "retr_demo"
-    saved = from_dict(json.loads((folder / "config.json").read_text()))
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved.pop("resolved")["world_size"] == 2  # what the trainer derived at run time
+    saved = from_dict(saved)
     assert saved == load_config("retr_demo", [*OVERRIDES, *shards, f"output_dir={folder.parents[1]}"])
     for rank in (0, 1):
         assert (folder / f"{job.job_id}_{rank}_log.err").is_file()
@@ -89,7 +91,7 @@ def test_local_preemption_requeues_and_resumes_without_losing_steps(preempted, c
     with capsys.disabled():
         print(f"\nlocal tiny job preempted: state saved at step {saved_at}, resumed from step {resumed_from}")
     assert "Requeued job" in log.read_text()
-    assert saved_at >= 20 and resumed_from == saved_at
+    assert saved_at >= 10 and resumed_from == saved_at
     steps = logged_steps(folder)
     assert sorted(set(steps)) == list(range(1, EPOCHS * ITERS + 1)), "a step is missing from the logs"
     redone = [s for s in set(steps) if steps.count(s) > 1]

@@ -139,3 +139,15 @@ def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
         assert set_threads(cfg) == "1 (OMP_NUM_THREADS)"
     finally:
         torch.set_num_threads(before)
+
+
+def test_trainer_names_come_from_the_registry():
+    from trainers.registry import TRAINERS
+
+    assert "retrieval" in TRAINERS
+    with pytest.raises(ValueError, match=r"trainer='no_such' is not valid; choose one of \['retrieval'"):
+        load_config("retr_demo", ["trainer=no_such"])
+    for name in ("distill", "detection"):  # accepted only once a trainer is registered under the name
+        if name not in TRAINERS:
+            with pytest.raises(ValueError, match=f"trainer='{name}' is not valid"):
+                load_config("retr_demo", [f"trainer={name}"])

@@ -48,7 +48,8 @@ def test_center_step_uses_the_unweighted_gradient():
     """The strong baseline moves the centers by loss.center_lr times the gradient of the unweighted center loss."""
     from trainers.setup import make_accelerator, prepare_parts
 
-    cfg = load_config("retr_demo", ["model.backbone=test_resnet", "loss.center_weight=5e-4", "loss.center_lr=0.5"])
+    only_center = ["loss.ce_weight=0", "loss.triplet_weight=0", "loss.center_weight=5e-4", "loss.center_lr=0.5"]
+    cfg = load_config("retr_demo", ["model.backbone=test_resnet", *only_center])
     crit = RetrievalLoss(cfg.loss, num_classes=3, feat_dim=2)
     model = build_model(cfg.model, num_classes=3, img_size=(32, 32))
     parts = prepare_parts(model, crit, cfg, make_accelerator(cfg), steps=1)
