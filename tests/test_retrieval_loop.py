@@ -145,7 +145,7 @@ def test_trainer_names_come_from_the_registry():
     from trainers.registry import TRAINERS
 
     assert "retrieval" in TRAINERS
-    with pytest.raises(ValueError, match=r"trainer='no_such' is not valid; choose one of \['retrieval'"):
+    with pytest.raises(ValueError, match=r"trainer='no_such' is not valid; choose one of"):
         load_config("retr_demo", ["trainer=no_such"])
     for name in ("distill", "detection"):  # accepted only once a trainer is registered under the name
         if name not in TRAINERS:

@@ -43,8 +43,8 @@ class Parts:
     of named scalar tensors with the total to backpropagate under ``"loss"``, each logged as ``train/<name>``.
     The criterion's own parameters (center-loss centers, a distillation projection, ...) are trained by
     ``aux_optimizer`` (and ``extra_optimizer``); the loop averages their gradients over the processes.
-    ``raw_model`` is what is saved and evaluated; ``criterion.state_dict()`` is saved too, so a module that must not be saved (a frozen
-    teacher) is kept out of the criterion's registered children.
+    ``raw_model`` is what is saved and evaluated; ``criterion.state_dict()`` is saved too, so a module that must
+    not be saved (a frozen teacher) is kept out of the criterion's registered children.
     """
 
     model: torch.nn.Module
