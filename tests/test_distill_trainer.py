@@ -56,7 +56,7 @@ def test_teacher_does_not_train_and_is_absent_from_saved_files(teacher, referenc
     state = ckpt.load_state(ckpt.list_states(run_dir / "checkpoints")[-1])
     student = build_model(_cfg(teacher).model, 24, img_size=(48, 48))
     assert state["model"].keys() == student.state_dict().keys()  # the student's tensors, nothing else
-    assert sorted(state["center"]) == ["base.center.centers", "kd.proj.weight"]  # the projection resumes
+    assert sorted(state["criterion"]) == ["base.center.centers", "kd.proj.weight"]  # the projection resumes
     assert state["extra_optimizer"]["state"]  # and so does its optimizer
     # the best weights are the plain student: the evaluator loads them into the student's model, strictly
     mine = load_model(_cfg(teacher).model, out["best_path"], img_size=(48, 48))
@@ -102,7 +102,7 @@ def test_kill_and_resume_matches_uninterrupted(teacher, reference, tmp_path):
     assert resumed["global_step"] == 6 and "resumed from" in (tmp_path / "train.log").read_text()
     a = ckpt.load_state(ckpt.list_states(run_dir / "checkpoints")[-1])
     b = ckpt.load_state(ckpt.list_states(tmp_path / "checkpoints")[-1])
-    for part in ("model", "center"):
+    for part in ("model", "criterion"):
         for key, value in a[part].items():
             assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6, rtol=0), (part, key)
 

@@ -79,7 +79,7 @@ def test_local_job_trains_with_two_synced_tasks(preempted, shards):
     assert saved == load_config("retr_demo", [*OVERRIDES, *shards, f"output_dir={folder.parents[1]}"])
     for rank in (0, 1):
         assert (folder / f"{job.job_id}_{rank}_log.err").is_file()
-    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    assert list((folder / "tb").rglob("events.out.tfevents.*"))
     assert json.loads((folder / "launch.json").read_text())["cluster"] == "local"
 
 
