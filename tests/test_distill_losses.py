@@ -6,7 +6,7 @@ import torch
 
 from configs import DistillConfig, load_config
 from distill.losses import KDLoss, embedding_loss, js_divergence, kl_divergence, relation_loss
-from trainers.retrieval import trainer_parts
+from trainers.registry import trainer_builder
 
 
 def _pair(n=8, dim=16, seed=0):
@@ -99,8 +99,8 @@ def test_projection_when_sizes_differ_and_error_when_switched_off():
 def test_bad_distill_and_trainer_settings_are_named():
     with pytest.raises(ValueError, match="trainer='nonsense' is not valid"):
         load_config("retr_demo", ["trainer=nonsense"])
-    with pytest.raises(ValueError, match="trainer='nonsense' has no parts builder"):
-        trainer_parts("nonsense")
+    with pytest.raises(ValueError, match="trainer=.nonsense. is not registered"):
+        trainer_builder("nonsense")
     with pytest.raises(ValueError, match="distill.embed_loss='l1'"):
         load_config("distill_demo", ["distill.embed_loss=l1"])
     with pytest.raises(ValueError, match="distill.temperature"):
