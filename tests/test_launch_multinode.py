@@ -196,8 +196,8 @@ def test_time_limit_signal_reaches_both_nodes_and_the_job_resumes(demo, capsys):
 
 def _process_counts(folder: Path) -> list[int]:
     """The number of processes of each start of the run, from the trainer's log."""
-    text = (folder / "train.log").read_text()
-    return [int(n) for n in re.findall(r"(\d+) process\(es\)", text)]
+    log = folder / "train.log"
+    return [int(n) for n in re.findall(r"(\d+) process\(es\)", log.read_text())] if log.is_file() else []
 
 
 def test_requeued_job_continues_on_fewer_nodes_with_the_same_batches(demo, node2, capsys):
@@ -212,8 +212,11 @@ def test_requeued_job_continues_on_fewer_nodes_with_the_same_batches(demo, node2
         assert jobs.wait_done(reference, 1500), "the uninterrupted run did not finish in 25 minutes"
     finally:
         cancel_on_exit(reference)
+    # both nodes free (SLURM starts a MIN-MAX job on what is free at once); then it runs on two
+    wait_for(lambda: _states().split().count("idle") == 2, 120, "both nodes idle")
     job, folder = submit([*same, "launch.min_nodes=1", "launch.requeue_on_failure=1"], capsys)
     try:
+        wait_for(lambda: _process_counts(folder) == [2], 300, "the start on two nodes")
         _kill_node2_after_state(folder)
         wait_for(lambda: "detretr-n2 down" in _states(), 120, "SLURM to see node 2 down")
         release_requeued(job.job_id, after=0)  # the survivor requeued it; it restarts on node 1 alone
