@@ -3,9 +3,7 @@
 - the 2-node run ends with the same weights as 2 processes on one node;
 - a node killed mid-run: the survivor names the lost rank and node, the job requeues (launch.requeue_on_failure)
   and resumes from its last state; the second loss exceeds the budget and the job ends, saying why;
-- the time-limit signal reaches both nodes, the state is written once, the job requeues and resumes;
-- with launch.min_nodes=1, a job that lost a node resumes on the other alone with the batches of the
-  uninterrupted 2-node run.
+- the time-limit signal reaches both nodes, the state is written once, the job requeues and resumes.
 Minutes each on 2 CPU cores: marker ``slurm``.
 """
 
@@ -192,40 +190,3 @@ def test_time_limit_signal_reaches_both_nodes_and_the_job_resumes(demo, capsys):
     steps = logged_steps(folder)
     assert sorted(set(steps)) == list(range(1, max(steps) + 1)) and len(steps) == len(set(steps)), steps
     assert _global_step(folder) == max(steps)
-
-
-def _process_counts(folder: Path) -> list[int]:
-    """The number of processes of each start of the run, from the trainer's log."""
-    log = folder / "train.log"
-    return [int(n) for n in re.findall(r"(\d+) process\(es\)", log.read_text())] if log.is_file() else []
-
-
-def test_requeued_job_continues_on_fewer_nodes_with_the_same_batches(demo, node2, capsys):
-    """launch.min_nodes=1: a 2-node job loses node 2, is requeued and resumes on node 1 alone; it ends with the
-    weights of the uninterrupted 2-node run (a model without BatchNorm, triplets mined over all ranks: equal
-    global batches give equal steps whatever the number of processes)."""
-    same = [*demo, "schedule.epochs=3", "model.backbone=test_vit", "model.neck=none", "data.height=32",
-            "data.width=32", "loss.triplet_all_ranks=true", "eval.enabled=false", "launch.nodes=2",
-            "launch.cpu_tasks=1"]  # fmt: skip
-    reference, ref_folder = submit(same, capsys)
-    try:
-        assert jobs.wait_done(reference, 1500), "the uninterrupted run did not finish in 25 minutes"
-    finally:
-        cancel_on_exit(reference)
-    # both nodes free (SLURM starts a MIN-MAX job on what is free at once); then it runs on two
-    wait_for(lambda: _states().split().count("idle") == 2, 120, "both nodes idle")
-    job, folder = submit([*same, "launch.min_nodes=1", "launch.requeue_on_failure=1"], capsys)
-    try:
-        wait_for(lambda: _process_counts(folder) == [2], 300, "the start on two nodes")
-        _kill_node2_after_state(folder)
-        wait_for(lambda: "detretr-n2 down" in _states(), 120, "SLURM to see node 2 down")
-        release_requeued(job.job_id, after=0)  # the survivor requeued it; it restarts on node 1 alone
-        assert jobs.wait_done(job, 1500), f"job {job.job_id} did not finish"
-    finally:
-        cancel_on_exit(job)
-    assert _process_counts(folder) == [2, 1], (folder / "train.log").read_text()[-3000:]
-    assert "Job completed successfully" in (folder / f"{job.job_id}_0_log.err").read_text()
-    assert _global_step(folder) == _global_step(ref_folder)
-    ref, elastic = final_weights(ref_folder), final_weights(folder)
-    for key, value in ref.items():
-        assert torch.allclose(elastic[key], value, atol=1e-5, rtol=1e-4), f"{key}: the batches differed"
