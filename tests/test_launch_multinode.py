@@ -139,7 +139,7 @@ def test_lost_node_is_named_and_requeued_once(demo, node2, capsys):
         noticed = time.monotonic() - killed
         subprocess.run(["bash", str(NODE_SH), "start", "2"], check=True)  # the node comes back
         wait_for(lambda: "resumed from" in (folder / "train.log").read_text(), 300, "the resumed run")
-        (resumed,) = log_ints(folder / "train.log", r"resumed from .*: epoch \d+, batch \d+, step (\d+)")
+        (resumed,) = log_ints(folder / "train.log", r"resumed from .*\(global step (\d+)\)")
         assert resumed >= saved  # from the last state: at most checkpoint.every_steps steps are done again
         # second loss: the budget (1) is used, the job ends in bounded time instead of requeueing again
         killed, _ = _kill_node2_after_state(folder, newer_than=resumed)
@@ -184,8 +184,8 @@ def test_time_limit_signal_reaches_both_nodes_and_the_job_resumes(demo, capsys):
     assert "rank 0: the trainer stopped with exit code 140" in text
     assert "srun: error: detretr-n2: task 1: Exited with exit code 140" in text, text[-4000:]
     train_log = (folder / "train.log").read_text()
-    (stopped,) = log_ints(folder / "train.log", r"stopped by SIGUSR2 at epoch \d+ step (\d+)")
-    (resumed,) = log_ints(folder / "train.log", r"resumed from .*: epoch \d+, batch \d+, step (\d+)")
+    (stopped,) = log_ints(folder / "train.log", r"stopped by SIGUSR2 at .*\(global step (\d+)\)")
+    (resumed,) = log_ints(folder / "train.log", r"resumed from .*\(global step (\d+)\)")
     assert resumed == stopped and train_log.count("stopped by SIGUSR2") == 1
     steps = logged_steps(folder)
     assert sorted(set(steps)) == list(range(1, max(steps) + 1)) and len(steps) == len(set(steps)), steps
