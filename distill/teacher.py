@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -20,16 +19,9 @@ import torch.nn.functional as F
 
 from configs import ExperimentConfig, from_dict, load_config
 from inference.models import RetrievalModel, build_model
+from inference.retriever import file_sha256
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_checkpoint(spec: str) -> Path:
