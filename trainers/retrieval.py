@@ -82,8 +82,11 @@ def micro_step(batch: dict, parts: Parts, guard: StepGuard, cfg: ExperimentConfi
     images = batch["image"].to(accelerator.device, dtype=parts.input_dtype, non_blocking=True)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    batch["image"] = images
+    batch = {
+        k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
+        for k, v in batch.items()
+    }
+    batch["image"] = images  # copied to the device once, above
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
             out = parts.model(images, batch["label"])
