@@ -45,17 +45,22 @@ stop_pid() {  # stop_pid NAME PIDFILE: SIGTERM the daemon by its pid file, then 
 all_nodes_up() {  # all_nodes_up N: N nodes known, every one idle, mixed or allocated
     local states
     states=$(sinfo -h -N -o '%t')
-    [ "$(echo "$states" | grep -c .)" -eq "$1" ] && ! echo "$states" | grep -Evq '^(idle|mix|alloc)$'
+    [ "$(grep -c . <<<"$states")" -eq "$1" ] && ! grep -Evq '^(idle|mix|alloc)$' <<<"$states"
 }
 
 make_network() {  # make_network N: bridge + one namespace per node (veth pair), names in /etc/hosts
     local n=$1 i name
     ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-    ip addr show dev "$BRIDGE" | grep -q "inet $BRIDGE_ADDR/" || ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
+    # the listings are read into variables before grep -q: under pipefail, grep -q leaving early can SIGPIPE the
+    # writer and fail the test even when the line is there (then `ip addr add` fails: "Address already assigned")
+    local addrs namespaces
+    addrs=$(ip addr show dev "$BRIDGE")
+    grep -q "inet $BRIDGE_ADDR/" <<<"$addrs" || ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
     for i in $(seq "$n"); do
         name=$(node_name "$i")
-        if ! ip netns list | grep -qw "$name"; then
+        namespaces=$(ip netns list)
+        if ! grep -qw "$name" <<<"$namespaces"; then
             ip netns add "$name"
             ip link add "detretr-v$i" type veth peer name "detretr-p$i"
             ip link set "detretr-p$i" netns "$name"

@@ -27,7 +27,8 @@ fi
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 missing=()
 for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [[ "$status" == *"install ok installed"* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "up.sh: installing ${missing[*]}"
@@ -50,7 +51,7 @@ fi
 
 # The node hardware as slurmd itself detects this host (CPU count, sockets/cores/threads, memory); every
 # namespace node reports the same hardware (they share it).
-HW=$(slurmd -C | head -n 1 | sed 's/^NodeName=[^ ]* //')
+HW=$(slurmd -C | sed -n '1s/^NodeName=[^ ]* //p')  # sed reads all of it: no SIGPIPE under pipefail
 if [ "$NODES" -eq 1 ]; then
     CTL="$HOST"
     NODE_LINES="NodeName=$HOST $HW State=UNKNOWN"
