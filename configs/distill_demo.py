@@ -1,7 +1,7 @@
 """Distillation on the embedded sample, CPU minutes: the retr_demo teacher (ResNet-18, 64x64) into a ResNet-10-T
 student at 48x48 (its batches are resized for the teacher on the device).
 
-First train the teacher: ``accelerate launch trainers/retrieval.py --config retr_demo``; the newest
+First train the teacher: ``accelerate launch -q trainers/retrieval.py --config retr_demo``; the newest
 ``runs/retr_demo/*/mAP*.pth`` and the config.json beside it are the teacher.
 """
 

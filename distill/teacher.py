@@ -32,7 +32,7 @@ def resolve_checkpoint(spec: str) -> Path:
     if not matches:
         raise FileNotFoundError(
             f"distill.teacher_checkpoint={spec!r} matches no file: train the teacher first "
-            "(accelerate launch trainers/retrieval.py --config <teacher config>) or point to its mAPxx.x.pth"
+            "(accelerate launch -q trainers/retrieval.py --config <teacher config>) or point to its mAPxx.x.pth"
         )
     newest = max(matches, key=lambda p: p.stat().st_mtime)
     log.info("distill.teacher_checkpoint=%r: the newest of %d matches is %s", spec, len(matches), newest)
@@ -73,7 +73,7 @@ def read_teacher_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(
             f"distill.teacher_checkpoint={str(path)!r} does not exist: train the teacher first "
-            "(accelerate launch trainers/retrieval.py --config <teacher config>) and point to its mAPxx.x.pth"
+            "(accelerate launch -q trainers/retrieval.py --config <teacher config>) and point to its mAPxx.x.pth"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -169,6 +169,6 @@ def load_teacher(student: ExperimentConfig, device) -> Teacher:
     if not checkpoint.is_file():
         raise FileNotFoundError(
             f"distill.teacher_checkpoint={str(checkpoint)!r} does not exist: train the teacher first "
-            "(accelerate launch trainers/retrieval.py --config <teacher config>) and point to its mAPxx.x.pth"
+            "(accelerate launch -q trainers/retrieval.py --config <teacher config>) and point to its mAPxx.x.pth"
         )
     return Teacher(load_teacher_config(student.distill.teacher_config, checkpoint), checkpoint, student, device)

@@ -1,5 +1,5 @@
 """The training loop of every registered trainer (``trainers.registry.TRAINERS``; ``retrieval`` by default):
-``accelerate launch trainers/retrieval.py --config NAME [overrides]``.
+``accelerate launch -q trainers/retrieval.py --config NAME [overrides]``.
 
 One ``fit`` loop: micro-batches from the stream, forward, the criterion's terms, backward, an optimizer step per
 global batch (skipped on the device when the loss is not finite), per-step lr, log lines and TensorBoard scalars
