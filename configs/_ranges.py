@@ -50,6 +50,7 @@ RANGES: dict[str, Range] = {
     "data.balanced_cap": NON_NEGATIVE,
     "data.num_workers": Range(0, 256),
     "data.cache_mb": NON_NEGATIVE,
+    "data.shards_wait_s": Range(0, 7 * 24 * 3600),
     "data.eval_batch_size": COUNT,
     "data.prepare.padding": Range(0, 4),
     "data.prepare.min_size": Range(0, 4096),

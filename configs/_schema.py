@@ -81,6 +81,9 @@ class DataConfig:
     """dataset root for the reader (for ``sample``: where the generated set is written)"""
     shards: str = "data/shards/sample"
     """folder of tar shards + manifest.json made by datasets.prepare"""
+    shards_wait_s: float = 3600.0
+    """training and evaluation started while a datasets.prepare still writes data.shards wait this many seconds
+    for it to finish (logging the folder and the writer every 30 s), then stop with an error (0 = at once)"""
     train_split: str = "train"
     """split used for training"""
     query_split: str = "query"

@@ -291,8 +291,8 @@ def ensure_shards(cfg: ExperimentConfig) -> dict:
     """The manifest of ``cfg.data.shards``; the embedded sample (``data.reader=sample``) is prepared when absent.
 
     Other readers are never prepared implicitly: a real dataset's crops take a while and belong in an
-    explicit step, which the error names. Shards that another process is still writing are an error
-    (``ShardsBusy``) naming that process, except the sample, which is awaited.
+    explicit step, which the error names. Shards that another process is still writing are awaited up to
+    ``data.shards_wait_s`` seconds, then an error (``ShardsBusy``) naming the folder and that process.
     """
     shards = Path(cfg.data.shards)
     if not (shards / MANIFEST).is_file() and cfg.data.reader == "sample":
@@ -301,7 +301,7 @@ def ensure_shards(cfg: ExperimentConfig) -> dict:
                 log.info("no shards in %s yet: preparing the embedded sample", shards)
                 manifest = prepare_from_config(cfg, progress=False)
                 log.info("wrote %s/%s\n%s", shards, MANIFEST, summary(manifest))
-    manifest = read_manifest(shards)
+    manifest = read_manifest(shards, cfg.data.shards_wait_s)
     warn_other_source(cfg, manifest)
     return manifest
 

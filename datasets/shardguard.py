@@ -2,7 +2,8 @@
 
 The writer lock is ``flock`` on ``SHARDS/.prepare.lock``; the kernel releases it when the writer exits, even
 by ``kill -9``, so a crash never leaves a stale lock. The holder writes who it is into the file, so that a
-second writer (which waits or fails) and a reader (which fails) can say which process is still writing. On
+second writer and a reader (each waits up to its bound, then fails) can say which process is still writing.
+Readers take the lock shared while they read the manifest, so a writer cannot start half-way through. On
 NFS, Linux maps ``flock`` onto byte-range locks, which the server arbitrates across hosts.
 
 Every manifest records its ``source`` (reader and absolute root); writing another source into a folder that
@@ -99,24 +100,52 @@ def writer_lock(folder: str | Path, wait_s: float = 0.0, command: str = "dataset
         os.close(fd)  # closing releases the lock
 
 
-def check_not_being_written(folder: str | Path) -> None:
-    """``ShardsBusy`` when another process holds the writer lock of ``folder`` (readers call this)."""
+WAIT_KEY = "data.shards_wait_s"
+
+
+def await_writer(folder: str | Path, wait_s: float = 0.0) -> None:
+    """Return once no other process holds the writer lock of ``folder`` (readers call this first).
+
+    While one does, wait for it to finish up to ``wait_s`` seconds, saying so with the folder and the writer
+    every 30 s; past that ``ShardsBusy`` names both. A folder without a lock file has never been written by a
+    prepare (or is not ours to lock): nothing to wait for. The shared lock is let go at once, so a reader never
+    delays a writer; a prepare that starts after this removes the manifest first and rewrites every shard, which
+    the reader's sha256 check of each shard catches.
+    """
     folder = Path(folder).resolve()
     if str(folder) in _HELD:
         return
     try:
         fd = os.open(folder / LOCK_NAME, os.O_RDONLY)
-    except OSError:  # no lock file: no writer has run here (or the folder is not ours to lock)
+    except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ShardsBusy(
-            f"shards folder {folder} is still being written by {holder(folder)}; start once it has finished "
-            "(its manifest is written last)"
-        ) from None
+        _share(fd, folder, wait_s)
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the shared lock
+
+
+def _share(fd: int, folder: Path, wait_s: float) -> None:
+    start, next_say = time.monotonic(), 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if next_say:
+                log.info("shards folder %s is complete after %.0f s; going on", folder, time.monotonic() - start)
+            return
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited >= wait_s:
+                raise ShardsBusy(
+                    f"shards folder {folder} is still being written by {holder(folder)}"
+                    + (f"; waited {waited:.0f} s ({WAIT_KEY}={wait_s:g})" if wait_s else "")
+                    + f". Start once it has finished (its manifest is written last), or raise {WAIT_KEY}"
+                ) from None
+            if waited >= next_say:
+                log.warning("shards folder %s is being written by %s; waiting for it to finish (up to %.0f s, %s)",
+                            folder, holder(folder), wait_s, WAIT_KEY)  # fmt: skip
+                next_say = waited + SAY_EVERY_S
+            time.sleep(POLL_S)
 
 
 def describe(source: Mapping) -> str:

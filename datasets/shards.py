@@ -19,7 +19,7 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from datasets.shardguard import check_not_being_written
+from datasets.shardguard import await_writer
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,13 @@ def remove_stale(out_dir: Path, keep: set[str], splits: list[str]) -> None:
             path.unlink()
 
 
-def read_manifest(shards_dir: str | Path) -> dict:
-    """Load and validate ``shards_dir/manifest.json``; a clear error when it is missing or malformed."""
-    check_not_being_written(shards_dir)
+def read_manifest(shards_dir: str | Path, wait_s: float = 0.0) -> dict:
+    """Load and validate ``shards_dir/manifest.json``; a clear error when it is missing or malformed.
+
+    A prepare still writing the folder is awaited up to ``wait_s`` seconds (``data.shards_wait_s``), then
+    ``ShardsBusy`` names the folder and the writer.
+    """
+    await_writer(shards_dir, wait_s)
     path = Path(shards_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(

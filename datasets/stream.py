@@ -158,7 +158,7 @@ class TrainStream:
         d = cfg.data
         self.cfg, self.rank, self.world_size, self.accum = cfg, rank, world_size, cfg.optim.grad_accum
         self.micro_size = micro_batch_size(d.batch_size, world_size, self.accum)
-        entry = split_entry(read_manifest(d.shards), d.train_split, d.shards)
+        entry = split_entry(read_manifest(d.shards, d.shards_wait_s), d.train_split, d.shards)
         table = member_table(entry, d.train_split, d.shards)
         self.labels = np.asarray(entry["labels"], dtype=np.int64)  # numpy, not a list: workers share its pages
         shards = [{k: s[k] for k in ("file", "count", "first_index", "sha256")} for s in entry["shards"]]
@@ -244,7 +244,7 @@ class EvalLoader:
 
     def __init__(self, cfg: ExperimentConfig, split: str, rank: int, world_size: int) -> None:
         d = cfg.data
-        self.entry = split_entry(read_manifest(d.shards), split, d.shards)
+        self.entry = split_entry(read_manifest(d.shards, d.shards_wait_s), split, d.shards)
         shards = self.entry["shards"]
         urls = {s["file"]: s for s in shards}
         by_shard = len(shards) >= world_size

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     return child
 
 
-def test_a_second_writer_and_a_trainer_are_refused_while_a_prepare_runs(tmp_path):
+def test_a_second_writer_and_an_impatient_trainer_are_refused_while_a_prepare_runs(tmp_path):
     out, recs = tmp_path / "shards", tiny_records(tmp_path / "img")
     prep = PrepareConfig(workers=1)
     prepare_shards(recs, out, prep, progress=False)
@@ -65,7 +67,7 @@ def test_a_second_writer_and_a_trainer_are_refused_while_a_prepare_runs(tmp_path
         done = subprocess.run(cli, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert f"error: shards folder {out} is being written by pid {child.pid}" in done.stderr
-        cfg = load_config("reid_demo", ["data.reader=folders", f"data.shards={out}"])
+        cfg = load_config("reid_demo", ["data.reader=folders", f"data.shards={out}", "data.shards_wait_s=0"])
         with pytest.raises(ShardsBusy, match=rf"still being written by pid {child.pid}"):
             prepare_mod.ensure_shards(cfg)  # what the trainer calls first
     finally:
@@ -73,6 +75,47 @@ def test_a_second_writer_and_a_trainer_are_refused_while_a_prepare_runs(tmp_path
         child.wait(timeout=30)
     assert prepare_shards(recs, out, prep, progress=False)["splits"]["train"]["count"] == 3
     assert read_manifest(out)["splits"]["train"]["count"] == 3
+
+
+def test_a_trainer_waits_for_a_prepare_and_goes_on_once_it_has_finished(tmp_path, caplog):
+    """The trainer's first read of the shards waits for the writer, saying which folder and which process."""
+    out, recs = tmp_path / "shards", tiny_records(tmp_path / "img")
+    prepare_shards(recs, out, PrepareConfig(workers=1), progress=False)
+    child = hold_lock(out)
+    finish = threading.Timer(1.5, child.stdin.close)  # the prepare finishes 1.5 s into the trainer's wait
+    cfg = load_config("reid_demo", ["data.reader=folders", f"data.shards={out}", "data.shards_wait_s=60"])
+    start = time.monotonic()
+    finish.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="datasets.shardguard"):
+            manifest = prepare_mod.ensure_shards(cfg)
+    finally:
+        finish.cancel()
+        child.stdin.close()
+        child.wait(timeout=30)
+    assert time.monotonic() - start >= 1.5 and manifest["splits"]["train"]["count"] == 3
+    said = caplog.text
+    assert f"shards folder {out} is being written by pid {child.pid}" in said, said
+    assert "waiting for it to finish (up to 60 s, data.shards_wait_s)" in said and "complete after" in said
+
+
+def test_the_trainer_gives_up_after_its_bound_with_one_line_naming_the_folder(tmp_path):
+    out = tmp_path / "shards"
+    prepare_shards(tiny_records(tmp_path / "img"), out, PrepareConfig(workers=1), progress=False)
+    child = hold_lock(out)
+    try:
+        cmd = [sys.executable, str(REPO / "trainers" / "retrieval.py"), "--config", "retr_demo",
+               f"data.shards={out}", "data.shards_wait_s=1"]  # fmt: skip
+        done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    err = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert f"shards folder {out} is being written by pid {child.pid}" in err  # the log line while it waits
+    line = next(x for x in done.stderr.splitlines() if x.startswith("error: "))
+    assert line.startswith(f"error: shards folder {out} is still being written by pid {child.pid}"), line
+    assert "waited 1 s (data.shards_wait_s=1)" in line and "raise data.shards_wait_s" in line
 
 
 @pytest.mark.slow  # two real prepare processes: about 13 s on 2 busy cores

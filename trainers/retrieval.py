@@ -240,6 +240,7 @@ def run(cfg, run_dir=None, resume=None, max_steps=0, stream_fn=None, num_classes
     the same ``num_steps`` / ``epoch`` / ``close``, comes with its ``num_classes``.
     """
     from datasets.prepare import ensure_shards
+    from datasets.shardguard import await_writer
     from datasets.stream import TrainStream
 
     accelerator = make_accelerator(cfg)
@@ -255,6 +256,7 @@ def run(cfg, run_dir=None, resume=None, max_steps=0, stream_fn=None, num_classes
              cfg.optim.reference_batch)  # fmt: skip
     if stream_fn is None:
         stream_fn = TrainStream
+        await_writer(cfg.data.shards, cfg.data.shards_wait_s)  # every rank, outside the barrier below
         with accelerator.main_process_first():  # the embedded sample is prepared once, by the main process
             manifest = ensure_shards(cfg)
         num_classes = check_data(cfg, manifest, accelerator.num_processes)
