@@ -106,3 +106,26 @@ def test_layers(package, forbidden):
         if dep.split(".")[0] in forbidden
     )
     assert not bad, f"{package} must not import {sorted(forbidden)}: {bad}"
+
+
+def private_torch_names(path: Path) -> list[str]:
+    """``torch.x._y`` / ``nn.x._y`` attribute chains in ``path`` (dunders such as ``__version__`` are public;
+    ``torch.ops.NS.name`` are operators registered under those names, not Python attributes)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain = ast.unparse(node).split(".")
+        if (
+            chain[0] in ("torch", "nn")
+            and chain[1] != "ops"
+            and any(p.startswith("_") and not p.startswith("__") for p in chain[1:])
+        ):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {'.'.join(chain)}")
+    return found
+
+
+def test_no_private_torch_api():
+    """A private torch name (``torch._C``, ``nn.modules.batchnorm._NormBase``) breaks on a release without notice."""
+    found = sorted({hit for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") for hit in private_torch_names(p)})
+    assert not found, found

@@ -11,7 +11,18 @@ from torch import nn
 if TYPE_CHECKING:  # reachable from the config schema (trainers.registry): no runtime import of configs
     from configs import OptimConfig, ScheduleConfig
 
-NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+# torch's public norm classes (timm's norm layers derive from them)
+NO_DECAY_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

@@ -19,7 +19,6 @@ import threading
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from torch import nn
 
 from trainers.setup import Parts
 
@@ -44,7 +43,8 @@ class StepGuard:
             self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
         else:
             self.scaler = accelerator.scaler
-        norms = [m for m in parts.raw_model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        # the running statistics (and batch counts) of BatchNorm / InstanceNorm: the buffers a forward changes
+        norms = [m for m in parts.raw_model.modules() if getattr(m, "track_running_stats", False)]
         self.buffers = [b for m in norms for b in m.buffers(recurse=False) if b is not None]
         self.saved: list[torch.Tensor] = []
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
