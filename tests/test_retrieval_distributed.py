@@ -3,7 +3,8 @@ DeepSpeed ZeRO-1/2 through Accelerate's plugin (DeepSpeed's CPU accelerator, glo
 
 The model has no BatchNorm (test_vit: LayerNorm only, neck=none), because BN statistics are per process
 without SyncBN (which needs CUDA); triplets are mined over all ranks (loss.triplet_all_ranks) and the
-center-loss gradient is averaged by hand, so the two runs compute the same global loss.
+center-loss gradient is averaged by hand, so the two runs compute the same global loss. The elastic resume with
+BatchNorm keeps the micro-batches instead (processes x optim.grad_accum), so that each is normalised alike.
 """
 
 import json
@@ -243,3 +244,63 @@ def test_elastic_resume_continues_with_the_batches_of_the_uninterrupted_run(samp
     for key in full:
         assert torch.allclose(resumed[key], full[key], atol=1e-6, rtol=1e-5), key
     assert sum(not torch.allclose(v, full[k]) for k, v in init.items()) > 10  # training moved the weights
+
+
+# BatchNorm normalises each micro-batch by its own statistics. Cut the same way (processes x optim.grad_accum
+# constant: 2 x 1 and 1 x 2 give the same two halves of each global batch) and with triplets mined per micro-batch,
+# the two layouts compute the same gradients; only the running statistics differ (DDP keeps rank 0's, which saw
+# the first half only; one process updates them with both halves).
+BN = ["model.backbone=test_resnet", "model.neck=bnneck", "loss.triplet_all_ranks=false"]
+ACCUM = {2: "optim.grad_accum=1", 1: "optim.grad_accum=2"}
+
+
+@pytest.fixture(scope="module")
+def bn_uninterrupted(sample_shards, tmp_path_factory) -> dict:
+    """The uninterrupted BatchNorm run in each layout: {processes: its folder}."""
+    root = tmp_path_factory.mktemp("bn")
+    script = root / "train_script.py"
+    script.write_text(SCRIPT)
+    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3", *BN]
+    for nproc in (2, 1):
+        _torchrun(nproc, root / f"full{nproc}", script, *data, ACCUM[nproc], TEST_REAL_STREAM="1")
+    return {nproc: root / f"full{nproc}" for nproc in (2, 1)}
+
+
+@pytest.mark.slow  # four torchrun starts per direction (plus two shared): about a minute on 2 loaded cores
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_elastic_resume_with_batchnorm(sample_shards, bn_uninterrupted, tmp_path, first, then):
+    """A model with BatchNorm (ResNet + BNNeck), stopped after step 4 on ``first`` processes and resumed on
+    ``then`` with optim.grad_accum doubled or halved: the same global batches, the uninterrupted run's parameters
+    (to float rounding), and running statistics within the tolerance that per-rank statistics allow.
+
+    That tolerance, per BN buffer: the largest difference between the two uninterrupted layouts (rank 0's half
+    against both halves). Without keeping the micro-batches (2 x 1 -> 1 x 1), per-rank statistics change the
+    gradients themselves: measured here, the 1- and 2-process runs' parameters then differ by as much as training
+    moved them (L2 4.3 against 4.2), a tolerance under which no resume fault would show.
+    """
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3", *BN]
+    cut = tmp_path / "cut"
+    _torchrun(first, cut, script, *data, ACCUM[first], TEST_REAL_STREAM="1", TEST_MAX_STEPS="4")
+    _torchrun(then, cut, script, *data, ACCUM[then], TEST_REAL_STREAM="1", TEST_RESUME="auto")
+    log = (cut / "run" / "train.log").read_text()
+    assert f"written by {first} process(es), now {then}; optim.grad_accum {3 - first}, now {3 - then}" in log
+    expected = _global_batches(bn_uninterrupted[then], 3)
+    assert sorted(expected) == [(e, s) for e in range(2) for s in range(3)]
+    assert _global_batches(bn_uninterrupted[first], 3) == expected  # the plan does not depend on the layout
+    assert _global_batches(cut, 3) == expected  # nothing replayed, nothing skipped, same order
+    full = {n: _weights(folder) for n, folder in bn_uninterrupted.items()}
+    resumed, init = _weights(cut), torch.load(bn_uninterrupted[then] / "init0.pt", weights_only=True)
+    stats = [k for k in resumed if "running_" in k or "num_batches_tracked" in k]
+    assert len(stats) > 30
+    for key, value in resumed.items():
+        if "num_batches_tracked" in key:  # rank 0's forward passes: 4 steps of 3 - first, then 2 of 3 - then
+            assert value == 4 * (3 - first) + 2 * (3 - then), key
+        elif key in stats:
+            spread = (full[2][key] - full[1][key]).abs().max()
+            assert (value - full[then][key]).abs().max() <= spread, f"{key}: beyond the per-rank spread {spread}"
+            assert not torch.allclose(value, init[key]), key  # restored and updated, not reset
+        else:
+            assert torch.allclose(value, full[then][key], atol=1e-5, rtol=1e-4), key
+    assert sum(not torch.allclose(v, full[then][k]) for k, v in init.items() if k not in stats) > 10

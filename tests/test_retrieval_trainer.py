@@ -305,7 +305,7 @@ def test_settings_that_only_change_speed_do_not_block_a_resume():
     from configs import to_dict
 
     old = to_dict(load_config("retr_demo"))
-    new = to_dict(load_config("retr_demo", ["data.cache_mb=64", "data.num_workers=4"]))
+    new = to_dict(load_config("retr_demo", ["data.cache_mb=64", "data.num_workers=4", "optim.grad_accum=2"]))
     assert ckpt.config_changes(old, new) == []
     assert ckpt.config_changes(old, to_dict(load_config("retr_demo", ["optim.lr=0.5"]))) == [
         f"optim.lr: {old['optim']['lr']!r} -> 0.5"

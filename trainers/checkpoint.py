@@ -23,9 +23,13 @@ log = logging.getLogger(__name__)
 
 STATE_PREFIX = "state-"
 
-# Config keys that may change between a run and its resumption without changing the result.
+# Config keys that may change between a run and its resumption without changing the result. The global batch
+# (data.batch_size) is fixed, but how it is cut (processes x optim.grad_accum) may change: a run resumed on half
+# the processes may double optim.grad_accum to keep each process's micro-batch, its memory and its BatchNorm
+# statistics as they were.
 RESUME_IGNORED = (
     "launch.",
+    "optim.grad_accum",
     "output_dir",
     "train.log_every",
     "train.dist_timeout_s",

@@ -81,7 +81,11 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
         parts.raw_model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise ValueError(f"--resume {path}: the state holds another model than {cfg.model.backbone}: {exc}") from None
+    accum = state["config"].get("optim", {}).get("grad_accum", cfg.optim.grad_accum)
     if "zero" in state["optimizer"]:
+        if accum != cfg.optim.grad_accum:  # DeepSpeed keeps its own gradient_accumulation_steps with its shards
+            raise ValueError(f"--resume {path}: optim.grad_accum changed ({accum} -> {cfg.optim.grad_accum}); a "
+                             "DeepSpeed state resumes with the optim.grad_accum it was written with")  # fmt: skip
         zero = Path(path).with_name(state["optimizer"]["zero"])
         require_private(zero, "DeepSpeed state")  # DeepSpeed unpickles its shards fully: only our own files
         accelerator.load_state(str(zero))
@@ -96,6 +100,7 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     prog = Progress(state["epoch"], state["step"], state["global_step"], state["best_map"], state["best_path"])
-    log.info("resumed from %s: epoch %d, step %d (global step %d), written by %d process(es), now %d", path,
-             prog.epoch + 1, prog.step, prog.global_step, state["world_size"], accelerator.num_processes)  # fmt: skip
+    log.info("resumed from %s: epoch %d, step %d (global step %d), written by %d process(es), now %d; "
+             "optim.grad_accum %d, now %d", path, prog.epoch + 1, prog.step, prog.global_step, state["world_size"],
+             accelerator.num_processes, accum, cfg.optim.grad_accum)  # fmt: skip
     return prog
