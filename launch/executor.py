@@ -12,6 +12,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from configs import LaunchConfig
+from launch.task_exit import wrapper_command
 
 CLUSTERS = ("auto", "slurm", "local")
 
@@ -134,7 +135,8 @@ def make_executor(
         executor = submitit.SlurmExecutor(folder=folder)
         executor.update_parameters(**slurm_parameters(launch, job_name, shared))
     else:
-        executor = submitit.LocalExecutor(folder=folder)
+        # each task under launch.task_exit, which records how it ended (a signal, an exit code)
+        executor = submitit.LocalExecutor(folder=folder, python=wrapper_command())
         executor.update_parameters(**local_parameters(launch))
     return executor
 

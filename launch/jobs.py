@@ -15,7 +15,7 @@ from typing import Any
 import submitit
 
 from configs import LaunchConfig
-from launch import ranks
+from launch import ranks, task_exit
 from launch.cluster import pending_reason
 from launch.progress import ProgressReporter
 from launch.result import read_result
@@ -233,8 +233,10 @@ SRUN_LINES = re.compile(r"^(srun: error: .*|slurmstepd.*\*\*\* .*)$", re.MULTILI
 
 
 def lost_ranks(folder: Path, job_id: str) -> list[str]:
-    """Why ranks of the job stopped: the survivors' failure records, then SLURM's lines on how tasks ended."""
+    """Why ranks of the job stopped: the survivors' failure records, then how tasks ended (a local job's exit
+    records, SLURM's lines)."""
     lines = [f"lost:   {ranks.failure_line(record)}" for record in ranks.read_failures(folder)]
+    lines += [f"ended:  {line}" for line in task_exit.exit_lines(folder)]
     log = folder / f"{job_id}_0_log.err"
     if log.is_file():
         lines += [f"slurm:  {m.strip()}" for m in SRUN_LINES.findall(log.read_text(errors="replace"))]
