@@ -272,6 +272,9 @@ class TrainConfig:
     """DeepSpeed JSON (configs/deepspeed/*.json); empty = plain DDP"""
     dist_timeout_s: int = 600
     """seconds a collective waits for the other processes before failing (a stopped or lost rank)"""
+    record_batches: bool = False
+    """write each micro-batch's sample keys to RUN/batches/ (trainers/batch_record.py): which samples each step
+    trained on, to check a resume on another number of processes"""
     threads: int = 0
     """torch intra-op threads per process (0 = the cores this process may use, shared by the processes of the
     node, less its data loader workers; OMP_NUM_THREADS, when set, wins)"""

@@ -7,7 +7,6 @@ center-loss gradient is averaged by hand, so the two runs compute the same globa
 BatchNorm keeps the micro-batches instead (processes x optim.grad_accum), so that each is normalised alike.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from trainers.batch_record import global_batches
 
 SCRIPT = textwrap.dedent(
     """
@@ -61,19 +61,10 @@ SCRIPT = textwrap.dedent(
         "eval.enabled=false", "checkpoint.every_steps=100", *sys.argv[2:],
     ])
     stream_fn, num_classes = Stream, 8
-    if os.environ.get("TEST_REAL_STREAM"):  # datasets.stream.TrainStream on data.shards, its sample keys recorded
+    if os.environ.get("TEST_REAL_STREAM"):  # datasets.stream.TrainStream on data.shards (train.record_batches)
         from datasets.shards import read_manifest
-        from datasets.stream import TrainStream
 
-        class Recorded(TrainStream):
-            def epoch(self, epoch, start=0):
-                with open(os.path.join(out, f"keys{self.rank}.jsonl"), "a") as fh:
-                    for batch in super().epoch(epoch, start):
-                        fh.write(json.dumps([epoch, batch["step"], self.rank, batch["micro"], batch["key"]]) + "\\n")
-                        fh.flush()
-                        yield batch
-
-        stream_fn, num_classes = Recorded, read_manifest(cfg.data.shards)["splits"]["train"]["num_classes"]
+        stream_fn, num_classes = None, read_manifest(cfg.data.shards)["splits"]["train"]["num_classes"]
     run(cfg, run_dir=os.path.join(out, "run"), stream_fn=stream_fn, num_classes=num_classes,
         max_steps=int(os.environ.get("TEST_MAX_STEPS", "0")), resume=os.environ.get("TEST_RESUME"))
     rank = int(os.environ.get("RANK", "0"))
@@ -210,15 +201,14 @@ def sample_shards(tmp_path_factory):
     return root / "shards"
 
 
-def _global_batches(folder, steps: int) -> dict:
+def _real_data(shards) -> list[str]:
+    """The real stream on ``shards``, three steps an epoch, each micro-batch's keys recorded."""
+    return [f"data.shards={shards}", "data.num_workers=0", "schedule.iters_per_epoch=3", "train.record_batches=true"]
+
+
+def _global_batches(folder) -> dict:
     """(epoch, step) -> the sample keys the run trained on, in global-batch order (rank-major, then micro)."""
-    parts: dict = {}
-    for path in sorted(folder.glob("keys*.jsonl")):
-        for line in path.read_text().splitlines():
-            epoch, step, rank, micro, keys = json.loads(line)
-            if step < steps:  # the loop reads one micro-batch past an epoch cut short by iters_per_epoch
-                parts.setdefault((epoch, step), {})[(rank, micro)] = keys
-    return {pos: [k for _, keys in sorted(by_slice.items()) for k in keys] for pos, by_slice in parts.items()}
+    return global_batches(folder / "run")
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
@@ -228,17 +218,17 @@ def test_elastic_resume_continues_with_the_batches_of_the_uninterrupted_run(samp
     its weights (no BatchNorm: the same global loss; the processes only add up in another order)."""
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3"]
+    data = _real_data(sample_shards)
     _torchrun(1, tmp_path / "full", script, *data, TEST_REAL_STREAM="1")
     cut = tmp_path / "cut"
     _torchrun(first, cut, script, *data, TEST_REAL_STREAM="1", TEST_MAX_STEPS="4")
     _torchrun(then, cut, script, *data, TEST_REAL_STREAM="1", TEST_RESUME="auto")
     log = (cut / "run" / "train.log").read_text()
     assert f"written by {first} process(es), now {then}" in log
-    expected = _global_batches(tmp_path / "full", 3)
+    expected = _global_batches(tmp_path / "full")
     assert sorted(expected) == [(e, s) for e in range(2) for s in range(3)]
     assert all(len(keys) == 16 and len(set(keys)) == 16 for keys in expected.values())
-    assert _global_batches(cut, 3) == expected  # nothing replayed, nothing skipped, same order
+    assert _global_batches(cut) == expected  # nothing replayed, nothing skipped, same order
     full, resumed = _weights(tmp_path / "full"), _weights(cut)
     init = torch.load(tmp_path / "full" / "init0.pt", weights_only=True)
     for key in full:
@@ -260,7 +250,7 @@ def bn_uninterrupted(sample_shards, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bn")
     script = root / "train_script.py"
     script.write_text(SCRIPT)
-    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3", *BN]
+    data = [*_real_data(sample_shards), *BN]
     for nproc in (2, 1):
         _torchrun(nproc, root / f"full{nproc}", script, *data, ACCUM[nproc], TEST_REAL_STREAM="1")
     return {nproc: root / f"full{nproc}" for nproc in (2, 1)}
@@ -280,16 +270,16 @@ def test_elastic_resume_with_batchnorm(sample_shards, bn_uninterrupted, tmp_path
     """
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    data = [f"data.shards={sample_shards}", "data.num_workers=0", "schedule.iters_per_epoch=3", *BN]
+    data = [*_real_data(sample_shards), *BN]
     cut = tmp_path / "cut"
     _torchrun(first, cut, script, *data, ACCUM[first], TEST_REAL_STREAM="1", TEST_MAX_STEPS="4")
     _torchrun(then, cut, script, *data, ACCUM[then], TEST_REAL_STREAM="1", TEST_RESUME="auto")
     log = (cut / "run" / "train.log").read_text()
     assert f"written by {first} process(es), now {then}; optim.grad_accum {3 - first}, now {3 - then}" in log
-    expected = _global_batches(bn_uninterrupted[then], 3)
+    expected = _global_batches(bn_uninterrupted[then])
     assert sorted(expected) == [(e, s) for e in range(2) for s in range(3)]
-    assert _global_batches(bn_uninterrupted[first], 3) == expected  # the plan does not depend on the layout
-    assert _global_batches(cut, 3) == expected  # nothing replayed, nothing skipped, same order
+    assert _global_batches(bn_uninterrupted[first]) == expected  # the plan does not depend on the layout
+    assert _global_batches(cut) == expected  # nothing replayed, nothing skipped, same order
     full = {n: _weights(folder) for n, folder in bn_uninterrupted.items()}
     resumed, init = _weights(cut), torch.load(bn_uninterrupted[then] / "init0.pt", weights_only=True)
     stats = [k for k in resumed if "running_" in k or "num_batches_tracked" in k]

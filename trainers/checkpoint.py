@@ -32,6 +32,7 @@ RESUME_IGNORED = (
     "optim.grad_accum",
     "output_dir",
     "train.log_every",
+    "train.record_batches",
     "train.dist_timeout_s",
     "checkpoint.",
     "data.num_workers",

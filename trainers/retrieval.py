@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs import ExperimentConfig, load_config, save_config, to_dict
 from trainers import checkpoint as ckpt
+from trainers.batch_record import BatchRecord
 from trainers.monitor import log_line, manifest_table, setup_logging
 from trainers.registry import trainer_builder
 from trainers.setup import Parts, check_data, make_accelerator, resolve_run_dir, resolved_optim, set_threads
@@ -263,6 +264,9 @@ def run(cfg, run_dir=None, resume=None, max_steps=0, stream_fn=None, num_classes
         log.info("\n%s", manifest_table(manifest, [cfg.data.train_split, cfg.data.query_split,
                                                     cfg.data.gallery_split], title=cfg.data.shards))  # fmt: skip
     stream, signals = stream_fn(cfg, accelerator.process_index, accelerator.num_processes), None
+    if cfg.train.record_batches:
+        stream = BatchRecord(stream, run_path / "batches", accelerator.process_index, accelerator.num_processes,
+                             cfg.schedule.iters_per_epoch)  # fmt: skip
     try:
         ckpt.seed_everything(cfg.train.seed)
         steps = cfg.schedule.iters_per_epoch or stream.num_steps(0)
