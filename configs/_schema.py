@@ -390,13 +390,14 @@ class DistillConfig:
     js_weight: float = 0.0
     """weight of the Jensen-Shannon divergence on the softened logits (0 = off)"""
     embed_weight: float = 0.0
-    """weight of the embedding term between the student's and the teacher's pooled features (0 = off)"""
+    """weight of the embedding term between the student's and the teacher's retrieval embeddings (the
+    ``embedding`` that search ranks: after the BNNeck unless model.neck_feat=before) (0 = off)"""
     embed_loss: str = "cosine"
     """embedding term: mse or cosine"""
     projection: str = "auto"
     """student -> teacher embedding projection: auto (linear when the sizes differ), linear, none"""
     relation_weight: float = 0.0
-    """weight of the relational term on the batch's pairwise structure (0 = off)"""
+    """weight of the relational term on the pairwise structure of the batch's retrieval embeddings (0 = off)"""
     relation: str = "similarity"
     """relational term: similarity (cosine-similarity matrices) or distance (mean-normalised distances)"""
     cache: str = "off"

@@ -2,7 +2,10 @@
 
 ``KDLoss(cfg, student_dim, teacher_dim)`` compares the student's training outputs with the teacher's and
 returns its weighted terms by name (``kd_kl``, ``kd_js``, ``kd_embed``, ``kd_relation``); each term is zero
-when the student's outputs equal the teacher's.
+when the student's outputs equal the teacher's. The embedding and relational terms compare the retrieval
+embeddings (``embedding``: what evaluation and search rank by cosine, after the BNNeck unless
+``model.neck_feat=before``), not the pooled features before the neck: those are non-negative (ReLU, then
+pooling), so their cosine similarities crowd near one common value and carry little of the ranking.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class KDLoss(nn.Module):
         self.proj = build_projection(cfg, student_dim, teacher_dim)
 
     def forward(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``student``: the model's training outputs (``feat``, ``logits``); ``teacher``: the same keys."""
+        """``student``: the model's training outputs (``embedding``, ``logits``); ``teacher``: the same keys."""
         cfg = self.cfg
         terms: dict[str, torch.Tensor] = {}
         if cfg.kl_weight > 0:
@@ -98,8 +101,9 @@ class KDLoss(nn.Module):
         if cfg.js_weight > 0:
             terms["kd_js"] = cfg.js_weight * js_divergence(student["logits"], teacher["logits"], cfg.temperature)
         if self.proj is not None:
-            projected = self.proj(student["feat"].float())
-            terms["kd_embed"] = cfg.embed_weight * embedding_loss(projected, teacher["feat"], cfg.embed_loss)
+            projected = self.proj(student["embedding"].float())
+            terms["kd_embed"] = cfg.embed_weight * embedding_loss(projected, teacher["embedding"], cfg.embed_loss)
         if cfg.relation_weight > 0:
-            terms["kd_relation"] = cfg.relation_weight * relation_loss(student["feat"], teacher["feat"], cfg.relation)
+            relation = relation_loss(student["embedding"], teacher["embedding"], cfg.relation)
+            terms["kd_relation"] = cfg.relation_weight * relation
         return terms

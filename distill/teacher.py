@@ -162,6 +162,14 @@ class Teacher:
         embedding = after if model.neck_feat == "after" else feat
         return {"feat": feat.float(), "embedding": embedding.float(), "logits": model.head(after).float()}
 
+    @torch.no_grad()
+    def embedding_of(self, feat: torch.Tensor) -> torch.Tensor:
+        """The retrieval embedding of pooled features ``feat`` (a cache stores only these and the logits)."""
+        model = self.model
+        if model.neck_feat == "before":
+            return feat.float()
+        return model.neck(feat.to(next(model.parameters()).dtype)).float()
+
 
 def load_teacher(student: ExperimentConfig, device) -> Teacher:
     """The teacher that ``student.distill`` names, on ``device``."""

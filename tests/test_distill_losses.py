@@ -67,17 +67,29 @@ def test_kdloss_terms_zero_for_identical_outputs_positive_otherwise():
     assert isinstance(kd.proj, torch.nn.Identity)
     s, t = _pair()
     logits_s, logits_t = _pair(dim=5, seed=1)
-    same = kd({"feat": t, "logits": logits_t}, {"feat": t, "logits": logits_t})
+    same = kd({"embedding": t, "logits": logits_t}, {"embedding": t, "logits": logits_t})
     assert set(same) == {"kd_kl", "kd_js", "kd_embed", "kd_relation"}
     assert all(v.abs().item() < 1e-6 for v in same.values()), same
-    other = kd({"feat": s, "logits": logits_s}, {"feat": t, "logits": logits_t})
+    other = kd({"embedding": s, "logits": logits_s}, {"embedding": t, "logits": logits_t})
     assert all(v.item() > 1e-4 for v in other.values()), other
+
+
+def test_embedding_and_relation_terms_compare_the_retrieval_embeddings_not_the_pooled_features():
+    """Search ranks ``embedding`` (after the BNNeck); the non-negative pooled ``feat`` before it is not what
+    the student should match: equal embeddings give zero whatever ``feat`` is, and equal ``feat`` does not."""
+    kd = KDLoss(DistillConfig(kl_weight=0, embed_weight=1, relation_weight=1), 16, 16)
+    s, t = _pair()
+    pooled = torch.rand(8, 16)
+    same = kd({"feat": pooled, "embedding": t}, {"feat": torch.rand(8, 16), "embedding": t})
+    assert set(same) == {"kd_embed", "kd_relation"} and all(v.abs().item() < 1e-6 for v in same.values()), same
+    other = kd({"feat": pooled, "embedding": s}, {"feat": pooled, "embedding": t})
+    assert all(v.item() > 1e-3 for v in other.values()), other
 
 
 def test_weights_scale_their_own_term_and_zero_weights_drop_it():
     s, t = _pair()
-    one = KDLoss(DistillConfig(kl_weight=0, embed_weight=1), 16, 16)({"feat": s}, {"feat": t})
-    three = KDLoss(DistillConfig(kl_weight=0, embed_weight=3), 16, 16)({"feat": s}, {"feat": t})
+    one = KDLoss(DistillConfig(kl_weight=0, embed_weight=1), 16, 16)({"embedding": s}, {"embedding": t})
+    three = KDLoss(DistillConfig(kl_weight=0, embed_weight=3), 16, 16)({"embedding": s}, {"embedding": t})
     assert set(one) == {"kd_embed"}
     assert torch.allclose(three["kd_embed"], 3 * one["kd_embed"])
 
@@ -87,7 +99,7 @@ def test_projection_when_sizes_differ_and_error_when_switched_off():
     assert isinstance(kd.proj, torch.nn.Linear) and kd.proj.weight.shape == (16, 8)
     s, t = torch.randn(6, 8, requires_grad=True), torch.randn(6, 16)
     logits = torch.randn(6, 3)
-    terms = kd({"feat": s, "logits": logits}, {"feat": t, "logits": logits})
+    terms = kd({"embedding": s, "logits": logits}, {"embedding": t, "logits": logits})
     sum(terms.values()).backward()
     assert kd.proj.weight.grad is not None and s.grad is not None
     with pytest.raises(ValueError, match=r"distill.projection='none'.*8 dimensions.*16"):

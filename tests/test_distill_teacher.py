@@ -54,6 +54,8 @@ def test_teacher_is_frozen_and_matches_its_weights(tmp_path):
     with torch.no_grad():  # the student's 48x48 batch is resized to the teacher's 64x64
         expected = model(torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear"))
     assert torch.allclose(out["embedding"], expected, atol=1e-5)
+    # what the trainer derives for cached outputs (which store only feat and logits): the same embedding
+    assert torch.allclose(teacher.embedding_of(out["feat"]), out["embedding"], atol=1e-5)
 
 
 def test_teacher_renormalises_the_students_batch(tmp_path):
@@ -106,6 +108,8 @@ def test_cached_outputs_equal_live_and_another_teacher_is_refused(shards, tmp_pa
                 cached = cache.lookup(epoch, step, 8, keys[8:16], "cpu")
                 for name in ("feat", "logits"):
                     assert torch.allclose(cached[name], live[name][8:16], rtol=2e-3, atol=2e-3), name
+                embedding = teacher.embedding_of(cached["feat"])
+                assert torch.allclose(embedding, live["embedding"][8:16], rtol=1e-2, atol=1e-2)
                 compare_with_live(cache.lookup(epoch, step, 0, keys, "cpu"), live, 0.01, "c", {"epoch": 0, "step": 0})
                 with pytest.raises(ValueError, match="made for another batch plan"):
                     cache.lookup(epoch, step, 0, keys[1:] + keys[:1], "cpu")

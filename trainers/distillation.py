@@ -58,6 +58,7 @@ class DistillCriterion(nn.Module):
         offset = self.rank * size * self.accum + int(batch["micro"]) * size
         device = batch["image"].device
         cached = self.cache.lookup(int(batch["epoch"]), int(batch["step"]), offset, list(batch["key"]), device)
+        cached["embedding"] = self.teacher.embedding_of(cached["feat"])
         if self.checked < self.check_batches:
             self.checked += 1
             compare_with_live(cached, self.teacher(batch["image"]), self.tolerance, self.cache.folder, batch)
