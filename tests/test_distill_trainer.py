@@ -131,6 +131,12 @@ def test_logit_distillation_needs_the_teachers_classes(teacher, tmp_path):
         run(_cfg(teacher, f"distill.teacher_checkpoint={other / 'mAP1.0.pth'}"), run_dir=str(tmp_path / "r"))
 
 
+def test_logit_distillation_with_a_margin_head_is_refused(teacher, tmp_path):
+    """A margin head's training logits hold the margin, the teacher's do not: the KL would compare unlike logits."""
+    with pytest.raises(ValueError, match="needs model.head=linear; the student's model.head='amsoftmax'"):
+        run(_cfg(teacher, "model.head=amsoftmax"), run_dir=str(tmp_path / "r"))
+
+
 def test_two_processes_through_accelerate_launch_with_the_teacher_cache(teacher, tmp_path):
     """The cache is built as one rank (the global batches do not depend on the world size); each of the two
     ranks reads its slice of every global batch and checks it against its live teacher."""

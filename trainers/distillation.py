@@ -90,6 +90,14 @@ def build_distill_parts(cfg: ExperimentConfig, accelerator: Accelerator, num_cla
     """The retrieval parts for the student, then the teacher, the distillation terms and their optimizer."""
     d = cfg.distill
     d.check_for_training()
+    if (d.kl_weight or d.js_weight) and cfg.model.head != "linear":
+        # a margin head's training logits carry the margin on the target class, the teacher's (eval) do not:
+        # the KL would pull the student's target logit up by scale x margin instead of towards the teacher
+        raise ValueError(
+            f"logit distillation (distill.kl_weight / distill.js_weight) needs model.head=linear; the student's "
+            f"model.head={cfg.model.head!r} adds its margin to the training logits, which the teacher's lack: "
+            "use model.head=linear, or only distill.embed_weight / distill.relation_weight"
+        )
     teacher = load_teacher(cfg, accelerator.device)
     if (d.kl_weight or d.js_weight) and teacher.num_classes != num_classes:
         raise ValueError(
