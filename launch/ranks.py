@@ -42,7 +42,7 @@ def _address(host: str) -> str:
         return ""
 
 
-def _write_json(path: Path, data: dict, exclusive: bool = False) -> bool:
+def write_json(path: Path, data: dict, exclusive: bool = False) -> bool:
     """Write ``data`` atomically; with ``exclusive`` only if ``path`` does not exist yet (False then)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -65,7 +65,7 @@ class Heartbeat:
     def __init__(self, folder: Path, rank: int, host: str, restart: int) -> None:
         self.path = folder / "tasks" / f"rank-{rank}.json"
         self.info = RankInfo(rank, host, _address(host), os.getpid(), restart)
-        _write_json(self.path, asdict(self.info))
+        write_json(self.path, asdict(self.info))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
         self._thread.start()
@@ -128,7 +128,7 @@ def record_failure(folder: Path, job_id: str, restart: int, me: RankInfo, error:
         "lost": lost,
         "error": error,
     }
-    written = _write_json(folder / "failures" / f"{job_id}-{restart}.json", record, exclusive=True)
+    written = write_json(folder / "failures" / f"{job_id}-{restart}.json", record, exclusive=True)
     return record, written
 
 

@@ -25,7 +25,7 @@ import submitit
 from submitit.core.utils import JobPaths
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-from launch.ranks import _write_json
+from launch.ranks import write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def run_task(command: list[str]) -> int:
     record = {"rank": rank, "pid": child.pid, "host": socket.gethostname(), "returncode": code,
               "time": time.time()}  # fmt: skip
     try:
-        _write_json(path, record)
+        write_json(path, record)
     except OSError as exc:  # the task's end must reach the controller even when the folder cannot be written
         log.warning("could not record the end of rank %d in %s: %s", rank, path, exc)
     if code:
