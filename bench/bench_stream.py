@@ -9,7 +9,9 @@ stream's own batched augmentation (``BatchAugment``, same augmentation distribut
 the ceiling for the code the stream runs. The stream and (a) are timed two ways: as a training run uses them
 (one ``datasets.stream.TrainStream`` / a DataLoader with ``persistent_workers``: workers start once, one epoch
 per repeat, the first one's start-up included in the total) and as a single epoch with workers of its own
-(a fresh ``TrainStream`` / a plain DataLoader). Prints a table.
+(a fresh ``TrainStream`` / a plain DataLoader). The stream hands over uint8 pixels and erasing boxes; the float
+conversion, normalisation and erasing (``datasets.transforms.normalise``) run in the consumer, as in the trainer:
+the stream's figures include that time (and report it), and (b') includes it too. Prints a table.
 
     python bench/bench_stream.py [--workers 1 2] [--repeats 5] [--limit 1600]
 """
@@ -38,7 +40,7 @@ from datasets.prepare import prepare_shards  # noqa: E402
 from datasets.records import Record, assign_labels  # noqa: E402
 from datasets.shards import iter_shard, read_manifest  # noqa: E402
 from datasets.stream import TrainStream  # noqa: E402
-from datasets.transforms import BatchAugment, decode, train_transform  # noqa: E402
+from datasets.transforms import BatchAugment, decode, normalise, train_transform  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -85,20 +87,32 @@ def export_folder(shards: Path, out: Path) -> list[tuple[Path, int]]:
     return items
 
 
+def consume(batches, augment) -> tuple[int, float]:
+    """Images of ``batches``, each micro-batch normalised here as the trainer does; and the seconds that took."""
+    n, spent = 0, 0.0
+    for b in batches:
+        start = time.perf_counter()
+        normalise(b["pixels"], b["erase"], augment)
+        spent += time.perf_counter() - start
+        n += len(b["label"])
+    return n, spent
+
+
 def time_stream(cfg, workers: int, epoch: int) -> tuple[int, float]:
     """One epoch of a fresh stream, its workers' start included (shards are verified once per process: not here)."""
     cfg.data.num_workers = workers
     start = time.perf_counter()
     stream = TrainStream(cfg, 0, 1)
-    n = sum(len(b["label"]) for b in stream.epoch(epoch))
+    n, _ = consume(stream.epoch(epoch), cfg.data.augment)
     stream.close()
     return n, time.perf_counter() - start
 
 
-def time_stream_run(stream: TrainStream, epoch: int) -> tuple[int, float]:
+def time_stream_run(stream: TrainStream, epoch: int) -> tuple[int, float, float]:
+    """(images, seconds, of which normalising in the consumer) of one epoch of a running stream."""
     start = time.perf_counter()
-    n = sum(len(b["label"]) for b in stream.epoch(epoch))
-    return n, time.perf_counter() - start
+    n, spent = consume(stream.epoch(epoch), stream.cfg.data.augment)
+    return n, time.perf_counter() - start, spent
 
 
 def folder_loader(items, cfg, workers: int, persistent: bool) -> DataLoader:
@@ -132,7 +146,7 @@ def time_batched_ceiling(blobs: list[bytes], cfg) -> tuple[int, float]:
     augment, size = BatchAugment(cfg), cfg.data.batch_size
     start = time.perf_counter()
     for i in range(0, len(blobs), size):
-        augment([decode(b) for b in blobs[i : i + size]])
+        normalise(*augment([decode(b) for b in blobs[i : i + size]]), cfg.data.augment)
     return len(blobs), time.perf_counter() - start
 
 
@@ -146,7 +160,7 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
     blobs = [p.read_bytes() for p, _ in items]
     torch.set_num_threads(1)  # DataLoader workers run single-threaded too
     rates: dict[str, list[float]] = {}
-    runs: dict[str, list[tuple[int, float]]] = {}  # (images, seconds) per epoch of the persistent loaders
+    runs: dict[str, list[tuple]] = {}  # (images, seconds[, normalising]) per epoch of the persistent loaders
     streams, folders = {}, {}
     for w in args.workers:
         cfg.data.num_workers = w
@@ -167,7 +181,8 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
     for stream in streams.values():
         stream.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
-    run = {k: sum(n for n, _ in v) / sum(dt for _, dt in v) for k, v in runs.items()}
+    run = {k: sum(r[0] for r in v) / sum(r[1] for r in v) for k, v in runs.items()}
+    share = {k: sum(r[2] for r in v) / sum(r[1] for r in v) for k, v in runs.items() if k.startswith("stream")}
     rows = []
     for w in args.workers:
         s, f, c, cb = med[f"stream{w}"], med[f"folder{w}"], med["ceiling"], med["batched"]
@@ -180,6 +195,7 @@ def bench_set(name: str, config: str, records: list[Record], args, tmp: Path, *o
                 "images": len(items),
                 "workers": w,
                 "stream_run": sr,
+                "normalise_share": share[f"stream{w}"],
                 "folder_run": fr,
                 "stream": s,
                 "folder": f,
@@ -216,15 +232,16 @@ def main(argv=None) -> list[dict]:
     print(
         "| set | input | sampler | images | workers | stream, run img/s/worker | folder, run img/s/worker "
         "| stream, 1 epoch | folder, 1 epoch | (b) per-image ceiling img/s | (b') batched ceiling img/s "
-        "| run: stream / (b) | run: stream / folder | 1 epoch: stream / (b) | 1 epoch: stream / folder |"
+        "| run: stream / (b) | run: stream / folder | 1 epoch: stream / (b) | 1 epoch: stream / folder "
+        "| run: normalising in the consumer |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- |" + " ---: |" * 13)
     for r in rows:
         print(
             f"| {r['set']} | {r['size']} | {r['sampler']} | {r['images']} | {r['workers']} | {r['stream_run']:.0f} | "
             f"{r['folder_run']:.0f} | {r['stream']:.0f} | {r['folder']:.0f} | {r['ceiling']:.0f} | "
             f"{r['batched']:.0f} | {r['run/ceiling']:.2f} | {r['run/folder']:.2f} | {r['stream/ceiling']:.2f} | "
-            f"{r['stream/folder']:.2f} |"
+            f"{r['stream/folder']:.2f} | {100 * r['normalise_share']:.1f}% |"
         )
     return rows
 

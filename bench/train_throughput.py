@@ -1,17 +1,23 @@
 """The trainer's step against a bare PyTorch loop, in one process: images/s and their ratio per variant.
 
-trainer: ``trainers.retrieval.run`` on the embedded sample's shards (data from ``datasets.stream.TrainStream``,
-the model, CE + triplet losses and the fused optimizer of the config, the loop with its skip guard, logging and
-stop checks); its speed is what it logs itself (``train/images_per_s``), over the windows after the first
-(start-up and warm-up excluded).
-bare: the same model, losses and optimizer (built by the same functions) on synthetic tensors of the same
+trainer: ``trainers.retrieval.run`` on real shards (mars_mini's training crops, prepared once by
+``datasets.prepare``; ``--data sample``: the embedded sample) with data from ``datasets.stream.TrainStream``
+(its loader worker decodes and augments, the loop normalises the uint8 micro-batches), the model, CE + triplet +
+center losses and the fused optimizer of the config, the loop with its skip guard, logging and stop checks. Its
+speed is what it logs itself (``train/images_per_s``) over the windows after the first (start-up and warm-up
+excluded), as images / seconds. The windows lie inside the first epoch (mars_mini: about 50 steps of 32), so no
+epoch-end checkpoint or loader restart is in them; the sample's epochs are 11-12 steps, and its windows hold one.
+trainer, in memory: the same ``run`` and loop, its stream replaced by the stream's own micro-batches of epoch 0
+(uint8 pixels + erasing boxes) read once and handed out again from memory: no loader worker, no decoding; what
+separates the data work competing for the cores from the loop's own overhead.
+bare: the same model, losses and optimizers (built by the same functions) on synthetic float tensors of the same
 shape, forward / loss / backward / step / zero_grad, timed over the same number of steps after the same warm-up,
 with the same intra-op thread count as the trainer's process.
-The two alternate (trainer, bare, trainer, bare, ...) and the medians are compared. On a GPU, MFU is the
+They alternate (trainer, in memory, bare, trainer, ...) and the medians are compared. On a GPU, MFU is the
 achieved FLOP/s of the bare loop (forward + backward counted by torch's FlopCounterMode) over the device's peak.
 
     python bench/train_throughput.py [--variants fp32 bf16 channels_last compile foreach] [--rounds 2]
-        [--backbone resnet18] [--height 128] [--width 64] [--batch 32] [--steps 12]
+        [--data mars|sample] [--backbone resnet18] [--height 128] [--width 64] [--batch 32] [--steps 12]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+MARS = REPO.parent / "shared" / "data" / "mars_mini"
 
 from configs import load_config  # noqa: E402
 from datasets.prepare import main as prepare_main  # noqa: E402
@@ -54,27 +61,61 @@ PEAK_TFLOPS = {
 
 
 def config(args, variant: str, work: Path):
+    source = [f"data.root={work / 'raw'}"] if args.data == "sample" else ["data.reader=mars", f"data.root={MARS}"]
     overrides = [
-        f"model.backbone={args.backbone}", f"data.height={args.height}", f"data.width={args.width}",
+        *source, f"model.backbone={args.backbone}", f"data.height={args.height}", f"data.width={args.width}",
         f"data.batch_size={args.batch}", "data.num_instances=4", f"data.num_workers={args.workers}",
-        f"data.root={work / 'raw'}", f"data.shards={work / 'shards'}", f"output_dir={work / 'runs'}",
+        f"data.shards={work / args.data / 'shards'}", f"output_dir={work / 'runs'}",
         "schedule.epochs=1000", "schedule.warmup_epochs=0", "eval.enabled=false", "optim.name=adamw",
         f"train.log_every={args.steps}", "checkpoint.every_steps=1000000", *VARIANTS[variant][0],
     ]  # fmt: skip
     return load_config("retr_demo", overrides)
 
 
-def trainer_speed(cfg, steps: int) -> float:
-    """Images/s the trainer logs over its windows after the first (which holds start-up and warm-up)."""
+class InMemoryStream:
+    """A stream_fn for ``run``: the real stream's micro-batches of epoch 0, read once, then handed out from memory
+    for every epoch (no loader worker, no decoding; the loop still normalises them)."""
+
+    def __init__(self, cfg, rank: int, world_size: int) -> None:
+        from datasets.stream import TrainStream
+
+        stream = TrainStream(cfg, rank, world_size)
+        try:
+            self.batches = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in stream.epoch(0)]
+        finally:
+            stream.close()
+        self.accum = cfg.optim.grad_accum
+
+    def num_steps(self, epoch: int) -> int:
+        return len(self.batches) // self.accum
+
+    def epoch(self, epoch: int, start: int = 0):
+        for batch in self.batches[start * self.accum :]:
+            yield {**batch, "epoch": epoch}
+
+    def close(self) -> None:
+        pass
+
+
+def trainer_speed(cfg, steps: int, in_memory: bool = False) -> float:
+    """Images/s the trainer logs over its windows after the first (which holds start-up and warm-up): the images
+    of those windows over their seconds."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from datasets.shards import read_manifest
     from trainers.retrieval import run
 
-    result = run(cfg, max_steps=3 * steps)
+    extra = {}
+    if in_memory:
+        num_classes = read_manifest(cfg.data.shards)["splits"][cfg.data.train_split]["num_classes"]
+        extra = {"stream_fn": InMemoryStream, "num_classes": num_classes}
+    result = run(cfg, max_steps=3 * steps, **extra)
     acc = EventAccumulator(str(next(Path(result["run_dir"], "tb").rglob("events.out.tfevents*"))))
     acc.Reload()
-    speeds = [e.value for e in acc.Scalars("train/images_per_s")]
-    return statistics.mean(speeds[1:])
+    events = acc.Scalars("train/images_per_s")
+    windows = [(e.step - prev.step, e.value) for prev, e in zip(events, events[1:])]  # (steps, images/s)
+    images = sum(n * cfg.data.batch_size for n, _ in windows)
+    return images / sum(n * cfg.data.batch_size / speed for n, speed in windows)
 
 
 def bare_speed(cfg, steps: int, fused: bool = True) -> tuple[float, float]:
@@ -136,24 +177,28 @@ def measure(args, variant: str, work: Path) -> dict:
     from trainers.setup import set_threads
 
     cfg = config(args, variant, work)
-    trainer, bare = [], []
+    trainer, memory, bare = [], [], []
     flops = 0.0
     for _ in range(args.rounds):
         if variant != "foreach":
             trainer.append(trainer_speed(cfg, args.steps))
+            memory.append(trainer_speed(cfg, args.steps, in_memory=True))
         set_threads(cfg)  # the trainer's process-wide choice, for the bare loop too
         speed, flops = bare_speed(cfg, args.steps, fused=variant != "foreach")
         bare.append(speed)
     t = statistics.median(trainer) if trainer else float("nan")
+    m = statistics.median(memory) if memory else float("nan")
     b = statistics.median(bare)
-    return {"trainer": t, "bare": b, "ratio": t / b, "mfu": mfu(b, flops, args.batch, cfg.train.precision),
-            "runs": (trainer, bare)}  # fmt: skip
+    return {"trainer": t, "memory": m, "bare": b, "ratio": t / b, "memory_ratio": m / b,
+            "mfu": mfu(b, flops, args.batch, cfg.train.precision), "runs": (trainer, memory, bare)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["fp32", "bf16", "channels_last", "foreach"])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", choices=["mars", "sample"], default="mars", help="mars_mini (../shared/data) or "
+                        "the embedded sample (no download; its epochs are shorter than the timed windows)")  # fmt: skip
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)
@@ -163,24 +208,29 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.data == "mars" and not MARS.is_dir():
+        raise SystemExit(f"{MARS} is absent: run with --data sample (the embedded sample)")
     work = args.work or Path(tempfile.mkdtemp(prefix="train_throughput_"))
-    if not (work / "shards" / "manifest.json").is_file():
-        prepare_main(["--config", "retr_demo", f"data.root={work / 'raw'}", f"data.shards={work / 'shards'}",
-                      "--no-progress"])  # fmt: skip
+    cfg = config(args, "fp32", work)
+    if not Path(cfg.data.shards, "manifest.json").is_file():
+        prepare_main(["--config", "retr_demo", f"data.reader={cfg.data.reader}", f"data.root={cfg.data.root}",
+                      f"data.shards={cfg.data.shards}", "--splits", "train", "--no-progress"])  # fmt: skip
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
-    print(f"device {device}; torch {torch.__version__}; {args.backbone} {args.height}x{args.width}, batch {args.batch}")
-    print("| variant | trainer images/s | bare loop images/s | trainer / bare | MFU (bare) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"device {device}; torch {torch.__version__}; {args.backbone} {args.height}x{args.width}, "
+          f"batch {args.batch}; data {args.data}")  # fmt: skip
+    print("| variant | trainer images/s | trainer, in memory images/s | bare loop images/s | trainer / bare "
+          "| in memory / bare | MFU (bare) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for variant in args.variants:
         if VARIANTS[variant][1] and not torch.cuda.is_available():
-            print(f"| {variant} | GPU only | GPU only | - | - |")
+            print(f"| {variant} | GPU only | GPU only | GPU only | - | - | - |")
             continue
         row = measure(args, variant, work)
-        trainer, bare = row["runs"]
-        t_text = f"{row['trainer']:.1f} ({', '.join(f'{v:.1f}' for v in trainer)})" if trainer else "-"
-        ratio = f"{row['ratio']:.3f}" if trainer else "-"
-        b_text = f"{row['bare']:.1f} ({', '.join(f'{v:.1f}' for v in bare)})"
-        print(f"| {variant} | {t_text} | {b_text} | {ratio} | {row['mfu']} |", flush=True)
+        trainer, memory, bare = row["runs"]
+        texts = [f"{row[k]:.1f} ({', '.join(f'{v:.1f}' for v in runs)})" if runs else "-"
+                 for k, runs in (("trainer", trainer), ("memory", memory), ("bare", bare))]  # fmt: skip
+        ratios = [f"{row[k]:.3f}" if trainer else "-" for k in ("ratio", "memory_ratio")]
+        print(f"| {variant} | {' | '.join(texts)} | {' | '.join(ratios)} | {row['mfu']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ pure function of (manifest, seed, epoch). Rank ``r`` takes its slice of every gl
 workers runs ``MicroBatches``: the main process hands each worker whole micro-batches (their sample indices);
 the worker reads each sample with one ``pread`` at the offset the manifest records
 (``datasets.shard_index.SampleReader``), decodes it and augments the micro-batch at once
-(``datasets.transforms.BatchAugment``), each image seeded by (seed, epoch, step, position in the global batch).
+(``datasets.transforms.BatchAugment``), each image seeded by (seed, epoch, step, position in the global batch),
+and hands over uint8 pixels with each image's erasing box: the consumer finishes them on its device
+(``datasets.transforms.model_images``), so a quarter of float32's bytes crosses the process boundary (each
+micro-batch lands in fresh shared memory, a page fault per 4 KiB on first touch) and the copy to the device.
 So a micro-batch depends on nothing but its key: any world size, any worker count and a resume that starts at
 (epoch, step) directly all see the same samples and augmentation. Memory stays bounded whatever the size of the
 split: the plan, an int64 index table and the micro-batches in flight (the OS page cache does the caching).
@@ -111,11 +114,12 @@ class MicroBatches(Dataset):
         samples = [self.reader.read(i) for i in indices]
         images = [self._decode(i, jpg) for i, (jpg, _) in zip(indices, samples)]
         seeds = [(self.seed, epoch, step, offset + b) for b in range(len(indices))]
-        out = torch.empty((len(indices), *self.shape))
+        out = torch.empty((len(indices), *self.shape), dtype=torch.uint8)
         if get_worker_info() is not None:
             out.share_memory_()  # written once, in the shared memory the batch travels in (no copy on the way)
+        pixels, erase = self.augment(images, seeds, out)
         batch = _metadata([meta for _, meta in samples], ("label", "identity", "camera"))
-        batch.update(image=self.augment(images, seeds, out), key=[sample_key(self.split, i) for i in indices])
+        batch.update(pixels=pixels, erase=erase, key=[sample_key(self.split, i) for i in indices])
         return {**batch, "epoch": epoch, "step": step, "micro": micro}
 
     def _decode(self, index: int, jpg: bytes):
@@ -149,9 +153,11 @@ class TrainStream:
     """The training micro-batches of one rank for a whole run; the DataLoader workers persist across epochs.
 
     ``num_steps(epoch)`` is the number of global batches of an epoch (the same on every rank); ``epoch(e, start)``
-    iterates this rank's micro-batches of steps ``start..`` in order, each a dict with ``image`` (float NCHW,
-    normalised), ``label``, ``identity``, ``camera`` (int64), ``key`` (the samples' shard keys), ``epoch``,
-    ``step`` and ``micro`` (0..grad_accum-1). ``close()`` stops the workers (a later epoch starts new ones).
+    iterates this rank's micro-batches of steps ``start..`` in order, each a dict with ``pixels`` (uint8 NCHW,
+    augmented) and ``erase`` (int16 [B, 4] erasing boxes), which ``datasets.transforms.model_images`` turns into
+    the normalised float images, ``label``, ``identity``, ``camera`` (int64), ``key`` (the samples' shard keys),
+    ``epoch``, ``step`` and ``micro`` (0..grad_accum-1). ``close()`` stops the workers (a later epoch starts new
+    ones).
     """
 
     def __init__(self, cfg: ExperimentConfig, rank: int, world_size: int) -> None:

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs import ExperimentConfig, load_config, to_dict
+from configs import AugmentConfig, ExperimentConfig, load_config, to_dict
 from datasets.shards import MANIFEST
+from datasets.transforms import model_images
 from distill.teacher import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,11 @@ def cache_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.data.shards) / "teacher_cache" / digest
 
 
-def global_batches(epoch_batches, steps: int) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+def global_batches(
+    epoch_batches, steps: int, augment: AugmentConfig, device: torch.device | str = "cpu"
+) -> Iterator[tuple[int, list[str], torch.Tensor]]:
     """(step, keys, images) of each global batch of one epoch read as a single rank: the micro-batches of one
-    step joined in order."""
+    step joined in order, their images normalised on ``device`` as the training loop does."""
     keys: list[str] = []
     images: list[torch.Tensor] = []
     current = 0
@@ -71,7 +74,7 @@ def global_batches(epoch_batches, steps: int) -> Iterator[tuple[int, list[str], 
             return
         current = step
         keys += [str(k) for k in batch["key"]]
-        images.append(batch["image"].clone())
+        images.append(model_images(batch, augment, device))
     if images:
         yield current, keys, torch.cat(images)
 
@@ -176,7 +179,7 @@ def build_cache(cfg: ExperimentConfig, teacher: Teacher, folder: Path, device) -
 def _build_epoch(cfg, teacher: Teacher, stream, epoch: int, tmp: Path, dtype, device) -> int:
     steps = num_steps(stream, epoch, cfg)
     feat = logits = keys = None
-    for step, names, images in global_batches(stream.epoch(epoch), steps):
+    for step, names, images in global_batches(stream.epoch(epoch), steps, cfg.data.augment, device):
         if feat is None:  # the global batch size as the stream makes it (every step has the same)
             shape = (steps, len(names))
             feat = np.lib.format.open_memmap(tmp / f"e{epoch:04d}-feat.npy", "w+", dtype, (*shape, teacher.dim))
@@ -186,7 +189,7 @@ def _build_epoch(cfg, teacher: Teacher, stream, epoch: int, tmp: Path, dtype, de
             keys = np.full(shape, "", dtype="<U64")
         if len(names) != keys.shape[1]:
             raise ValueError(f"epoch {epoch} step {step}: a global batch of {len(names)} samples, not {keys.shape[1]}")
-        out = teacher(images.to(device))
+        out = teacher(images)
         feat[step] = out["feat"].cpu().numpy().astype(dtype)
         logits[step] = out["logits"].cpu().numpy().astype(dtype)
         keys[step] = names

@@ -17,7 +17,7 @@ from datasets.prepare import prepare_shards
 from datasets.samplers import plan_epoch
 from datasets.shards import iter_shard, read_manifest
 from datasets.stream import TrainStream, eval_loader, train_loader
-from datasets.transforms import decode, eval_transform
+from datasets.transforms import decode, eval_transform, model_images
 from tests.conftest import shared_dataset
 from tests.test_datasets_shards import market_records
 
@@ -68,6 +68,9 @@ def test_eval_batches_are_unaugmented_crops_with_their_metadata(shards):
     assert batch["identity"][0].item() == int(entry["classes"][0]["identity"]) and batch["camera"][0].item() >= 1
 
 
+AUGMENT = ExperimentConfig().data.augment  # make_cfg's mean and std
+
+
 def _keys(batches) -> list[list[str]]:
     return [b["key"] for b in batches]
 
@@ -79,7 +82,7 @@ def _global(batches_per_rank: list[list[dict]], accum: int = 1) -> list[tuple[li
     for step in range(steps):
         parts = [b for rank in batches_per_rank for b in rank[step * accum : (step + 1) * accum]]
         assert {b["step"] for b in parts} == {parts[0]["step"]}
-        out.append(([k for b in parts for k in b["key"]], torch.cat([b["image"] for b in parts])))
+        out.append(([k for b in parts for k in b["key"]], torch.cat([model_images(b, AUGMENT) for b in parts])))
     return out
 
 
@@ -117,7 +120,7 @@ def test_worker_count_and_grad_accum_do_not_change_the_batches(shards):
     accum = make_cfg(shards, num_workers=2)
     accum.optim.grad_accum = 2  # 2 ranks x 2 micro-batches of 2 samples
     micro = [train_loader(accum, rank, 2, epoch=1) for rank in range(2)]
-    assert [b["micro"] for b in micro[0][:4]] == [0, 1, 0, 1] and micro[0][0]["image"].shape[0] == 2
+    assert [b["micro"] for b in micro[0][:4]] == [0, 1, 0, 1] and micro[0][0]["pixels"].shape[0] == 2
     assert _same(_global(micro, accum=2), reference)
 
 
@@ -163,12 +166,13 @@ def test_persistent_workers_serve_every_epoch(shards):
 def test_epochs_differ_and_images_are_normalised_and_augmented(shards):
     cfg = make_cfg(shards, sampler="random", batch_size=8, num_workers=1)
     a, b = train_loader(cfg, 0, 1, epoch=0), train_loader(cfg, 0, 1, epoch=1)
-    assert len(a) == 4 and -3 < a[0]["image"].mean() < 3 and _keys(a) != _keys(b)
+    assert a[0]["pixels"].dtype == torch.uint8 and a[0]["erase"].shape == (8, 4)
+    assert len(a) == 4 and -3 < model_images(a[0], AUGMENT).mean() < 3 and _keys(a) != _keys(b)
     plain = make_cfg(shards, sampler="random", batch_size=8, num_workers=0)
     aug = plain.data.augment
     aug.flip_p, aug.pad, aug.erasing_p, aug.color_jitter = 0.0, 0, 0.0, 0.0
     unaugmented = train_loader(plain, 0, 1, epoch=0)
-    assert _keys(unaugmented) == _keys(a) and not torch.equal(unaugmented[0]["image"], a[0]["image"])
+    assert _keys(unaugmented) == _keys(a) and not torch.equal(unaugmented[0]["pixels"], a[0]["pixels"])
 
 
 def test_balanced_batches_respect_the_cap():
@@ -350,7 +354,7 @@ def test_workers_survive_the_preemption_signal(shards):
         os.kill(w.pid, signal.SIGUSR2)
     rest = list(batches)  # a worker killed by the signal would raise here
     stream.close()
-    assert rest and all(b["image"].shape[0] == 8 for b in [first, *rest])
+    assert rest and all(b["pixels"].shape[0] == 8 for b in [first, *rest])
 
 
 @pytest.mark.parametrize("where", ["consumer", "worker"])

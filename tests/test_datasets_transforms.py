@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from configs import ExperimentConfig
-from datasets.transforms import BatchAugment, decode, eval_transform
+from datasets.transforms import BatchAugment, decode, erase_box, eval_transform, model_images, normalise
 from tests.conftest import shared_dataset
 
 H, W = 32, 16
@@ -32,6 +32,11 @@ def cfg_std() -> list[float]:
     return list(make_cfg().data.augment.std)
 
 
+def augmented(cfg: ExperimentConfig, images: list, seeds=None) -> torch.Tensor:
+    """BatchAugment's uint8 pixels and erasing boxes, finished as the training loop finishes them."""
+    return normalise(*BatchAugment(cfg)(images, seeds), cfg.data.augment)
+
+
 @pytest.fixture(scope="module")
 def image() -> Image.Image:
     jpgs = sorted((shared_dataset("market1501_mini") / "bounding_box_train").glob("*.jpg"))
@@ -40,16 +45,18 @@ def image() -> Image.Image:
 
 def test_unaugmented_batch_equals_torchvision_resize_and_normalise(image):
     cfg = make_cfg()
-    out = BatchAugment(cfg)([image, image])
+    pixels, erase = BatchAugment(cfg)([image, image])
+    assert pixels.shape == (2, 3, H, W) and pixels.dtype == torch.uint8 and erase.tolist() == [[-1] * 4] * 2
+    out = augmented(cfg, [image, image])
     assert out.shape == (2, 3, H, W) and out.dtype == torch.float32
     assert torch.equal(out[0], eval_transform(cfg)(image)) and torch.equal(out[1], out[0])
-    assert torch.equal(BatchAugment(make_cfg(flip_p=1.0))([image])[0], eval_transform(cfg)(image).flip(-1))
+    assert torch.equal(augmented(make_cfg(flip_p=1.0), [image])[0], eval_transform(cfg)(image).flip(-1))
 
 
 def test_flip_rate_and_pad_crop_offsets_cover_the_padded_canvas(image):
     torch.manual_seed(0)
     pad, n = 3, 400
-    out = BatchAugment(make_cfg(flip_p=0.5, pad=pad))([image] * n)
+    out = augmented(make_cfg(flip_p=0.5, pad=pad), [image] * n)
     small = F.pil_to_tensor(F.resize(image, [H, W]))
     normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg_mean(), cfg_std())])
     canvases = {f: normalise(F.pad(small.flip(-1) if f else small, [pad], fill=0)) for f in (False, True)}
@@ -71,7 +78,7 @@ def test_flip_rate_and_pad_crop_offsets_cover_the_padded_canvas(image):
 def test_random_erasing_matches_torchvision_rate_and_box_sizes(image):
     torch.manual_seed(1)
     n = 600
-    ours = BatchAugment(make_cfg(erasing_p=0.5))([image] * n)
+    ours = augmented(make_cfg(erasing_p=0.5), [image] * n)
     base = eval_transform(make_cfg())(image)
     erase = v2.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.33), value=0)
     theirs = torch.stack([erase(base.clone()) for _ in range(n)])
@@ -91,6 +98,49 @@ def test_random_erasing_matches_torchvision_rate_and_box_sizes(image):
 
 def test_colour_jitter_changes_pixels_but_keeps_shape(image):
     torch.manual_seed(2)
-    plain = BatchAugment(make_cfg())([image] * 4)
-    jittered = BatchAugment(make_cfg(color_jitter=0.4))([image] * 4)
+    plain = augmented(make_cfg(), [image] * 4)
+    jittered = augmented(make_cfg(color_jitter=0.4), [image] * 4)
     assert jittered.shape == plain.shape and not torch.equal(jittered, plain)
+
+
+def float_batch_in_the_worker(aug: BatchAugment, images: list, seeds: list) -> torch.Tensor:
+    """How the stream's workers made the float batch before they handed over uint8 (the reference): the same
+    per-image draws, then one float conversion + normalisation of the batch, then each image's erasing box."""
+    a, n, h, w = aug.a, len(images), aug.height, aug.width
+    rngs = [np.random.default_rng(s) for s in seeds]
+    canvas = np.zeros((n, 3, h, w), dtype=np.uint8)
+    for b, (img, rng) in enumerate(zip(images, rngs)):
+        img = F.resize(img, [h, w], interpolation=v2.InterpolationMode.BILINEAR) if img.size != (w, h) else img
+        flip = bool(rng.random() < a.flip_p)
+        top, left = (int(v) - a.pad for v in rng.integers(0, 2 * a.pad + 1, 2))
+        aug._paste(canvas[b], np.asarray(img), flip, top, left)
+        if a.color_jitter > 0:
+            canvas[b] = aug._jitter(torch.from_numpy(canvas[b]), rng).numpy()
+    out = torch.empty((n, 3, h, w), dtype=torch.float32).copy_(torch.from_numpy(canvas))
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (a.mean, a.std))
+    out.mul_(1.0 / 255).sub_(mean).div_(std)
+    for b, rng in enumerate(rngs):
+        box = erase_box(rng, h, w) if rng.random() < a.erasing_p else None
+        if box is not None:
+            i, j, eh, ew = box
+            out[b, :, i : i + eh, j : j + ew] = 0.0
+    return out
+
+
+def test_uint8_hand_over_finished_by_the_consumer_is_bit_identical_to_the_float_batch():
+    """The whole recipe on real person crops of several sizes, seeded as the stream seeds: the pixels + boxes,
+    normalised where they are consumed (also through ``model_images``, as the loop calls it), equal the float batch
+    the workers made before, bit for bit."""
+    jpgs = sorted((shared_dataset("mars_mini") / "bbox_train").glob("*/*.jpg"))[::97][:24]
+    images = [decode(p.read_bytes()) for p in jpgs] + [decode(p.read_bytes()).resize((40, 90)) for p in jpgs[:8]]
+    cfg = make_cfg(flip_p=0.5, pad=10, erasing_p=0.5, color_jitter=0.2)
+    cfg.data.height, cfg.data.width = 256, 128
+    aug = BatchAugment(cfg)
+    seeds = [(3, 1, 7, b) for b in range(len(images))]
+    reference = float_batch_in_the_worker(aug, images, seeds)
+    pixels, erase = aug(images, seeds)
+    assert 0 < int((erase[:, 0] >= 0).sum()) < len(images)  # some images erased, some not
+    assert torch.equal(normalise(pixels, erase, cfg.data.augment), reference)
+    batch = {"pixels": pixels, "erase": erase, "label": torch.zeros(len(images))}
+    assert torch.equal(model_images(batch, cfg.data.augment, "cpu"), reference)
+    assert model_images({"image": reference}, cfg.data.augment) is reference  # a synthetic stream's float images

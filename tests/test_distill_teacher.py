@@ -103,7 +103,7 @@ def test_cached_outputs_equal_live_and_another_teacher_is_refused(shards, tmp_pa
     stream = TrainStream(cfg, 0, 1)
     try:
         for epoch in (0, 1):  # the same augmented batches the trainer will see, read again from the stream
-            for step, keys, images in global_batches(stream.epoch(epoch), 2):
+            for step, keys, images in global_batches(stream.epoch(epoch), 2, cfg.data.augment):
                 live = teacher(images)
                 cached = cache.lookup(epoch, step, 8, keys[8:16], "cpu")
                 for name in ("feat", "logits"):

@@ -143,8 +143,8 @@ def test_resume_with_changed_config_says_what_changed(shards, tmp_path):
 def test_nan_loss_is_skipped_then_stops(shards, tmp_path, caplog):
     def poisoned(every):
         def edit(i, batch):
-            if i % every == 0:
-                batch["image"] = torch.full_like(batch["image"], float("nan"))
+            if i % every == 0:  # a float image in place of the stream's pixels
+                batch["image"] = torch.full(batch.pop("pixels").shape, float("nan"))
             return batch
 
         return _Edited(edit)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs import ExperimentConfig, load_config, save_config, to_dict
+from datasets.transforms import model_images
 from trainers import checkpoint as ckpt
 from trainers.batch_record import BatchRecord
 from trainers.monitor import log_line, manifest_table, setup_logging
@@ -38,6 +39,7 @@ from trainers.stepping import StepGuard, StopSignal
 log = logging.getLogger("trainers.retrieval")
 
 FINISHED, SIGNAL, MAX_STEPS = "finished", "signal", "max_steps"
+IMAGE_KEYS = ("image", "pixels", "erase")  # what model_images turns into the device batch's "image"
 
 
 def fit(parts, stream, guard, cfg, accelerator, prog, run_dir, signals, max_steps=0) -> tuple[str, int]:
@@ -79,15 +81,17 @@ def fit(parts, stream, guard, cfg, accelerator, prog, run_dir, signals, max_step
 def micro_step(batch: dict, parts: Parts, guard: StepGuard, cfg: ExperimentConfig, accelerator: Accelerator) -> dict:
     """Forward, the criterion's terms and backward of one micro-batch (moved to the device); returns the terms
     and the accuracy, as device tensors."""
-    # DeepSpeed fp16/bf16 holds the weights themselves in half precision (no autocast): feed that dtype
-    images = batch["image"].to(accelerator.device, dtype=parts.input_dtype, non_blocking=True)
+    # uint8 pixels normalised on the device; DeepSpeed fp16/bf16 holds the weights themselves in half precision
+    # (no autocast): feed that dtype
+    images = model_images(batch, cfg.data.augment, accelerator.device).to(parts.input_dtype)
     if cfg.train.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     batch = {
-        k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v
+        k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
         for k, v in batch.items()
+        if k not in IMAGE_KEYS
     }
-    batch["image"] = images  # copied to the device once, above
+    batch["image"] = images
     with accelerator.accumulate(parts.model):
         with accelerator.autocast():
             out = parts.model(images, batch["label"])
