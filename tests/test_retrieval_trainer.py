@@ -305,8 +305,11 @@ def test_settings_that_only_change_speed_do_not_block_a_resume():
     from configs import to_dict
 
     old = to_dict(load_config("retr_demo"))
-    new = to_dict(load_config("retr_demo", ["data.cache_mb=64", "data.num_workers=4", "optim.grad_accum=2"]))
+    speed = ["data.cache_mb=64", "data.num_workers=4", "optim.grad_accum=2", "data.shards_wait_s=5"]
+    new = to_dict(load_config("retr_demo", speed))
     assert ckpt.config_changes(old, new) == []
+    written_before_the_key = {**old, "data": {k: v for k, v in old["data"].items() if k != "shards_wait_s"}}
+    assert ckpt.config_changes(written_before_the_key, new) == []  # a state from before the key existed
     assert ckpt.config_changes(old, to_dict(load_config("retr_demo", ["optim.lr=0.5"]))) == [
         f"optim.lr: {old['optim']['lr']!r} -> 0.5"
     ]

@@ -37,6 +37,7 @@ RESUME_IGNORED = (
     "checkpoint.",
     "data.num_workers",
     "data.cache_mb",
+    "data.shards_wait_s",  # how long to wait for a prepare that is still writing, not what is read
     "data.eval_batch_size",
     "eval.",
 )
