@@ -3,8 +3,11 @@
 The writer lock is ``flock`` on ``SHARDS/.prepare.lock``; the kernel releases it when the writer exits, even
 by ``kill -9``, so a crash never leaves a stale lock. The holder writes who it is into the file, so that a
 second writer and a reader (each waits up to its bound, then fails) can say which process is still writing.
-Readers take the lock shared while they read the manifest, so a writer cannot start half-way through. On
-NFS, Linux maps ``flock`` onto byte-range locks, which the server arbitrates across hosts.
+A reader first waits until it can take the lock shared, which proves that no writer is at work, and lets it
+go at once, so a reader never delays a writer; the lock is not held while the manifest is read. A prepare that
+starts after that removes the manifest first and rewrites every shard: the training stream checks each shard's
+sha256 against the manifest once per process when it starts, which catches a prepare that got in between. On NFS,
+Linux maps ``flock`` onto byte-range locks, which the server arbitrates across hosts.
 
 Every manifest records its ``source`` (reader and absolute root); writing another source into a folder that
 holds a complete set is refused unless the caller asks for it (``--replace``).
