@@ -90,8 +90,8 @@ def slurm_parameters(launch: LaunchConfig, job_name: str, shared: dict[str, Path
         # requeueable even where the cluster's JobRequeue default is 0 (preemption / time limit resume)
         "additional_parameters": {"requeue": True, **extra_sbatch_parameters(launch.extra_sbatch)},
     }
-    if 0 < launch.min_nodes < launch.nodes:  # sbatch --nodes=MIN-MAX: start (or restart) on what is there
-        params["additional_parameters"]["nodes"] = f"{launch.min_nodes}-{launch.nodes}"
+    if 0 < launch.min_nodes < launch.nodes:
+        elastic_nodes(params, launch)
     if setup:
         params["setup"] = setup
     if launch.gpus_per_node > 0:
@@ -102,6 +102,19 @@ def slurm_parameters(launch: LaunchConfig, job_name: str, shared: dict[str, Path
         if getattr(launch, key):
             params[key] = getattr(launch, key)
     return params
+
+
+def elastic_nodes(params: dict[str, Any], launch: LaunchConfig) -> None:
+    """sbatch ``--nodes=MIN-MAX``: the job starts (or restarts, requeued) on as many nodes as are free, at least MIN.
+
+    The tasks per node then go to srun, not sbatch: ``#SBATCH --ntasks-per-node=T`` makes the job's task count
+    MIN x T, and SLURM sizes the job to its tasks, so it got MIN nodes even with MAX idle (measured with SLURM
+    22.05, select/cons_tres). The one task per node that the allocation then implies holds the CPUs of all T.
+    """
+    tasks = params.pop("ntasks_per_node")
+    params["cpus_per_task"] = tasks * launch.cpus_per_task
+    params["srun_args"] = [f"--ntasks-per-node={tasks}", f"--cpus-per-task={launch.cpus_per_task}"]
+    params["additional_parameters"]["nodes"] = f"{launch.min_nodes}-{launch.nodes}"
 
 
 def local_parameters(launch: LaunchConfig) -> dict[str, Any]:

@@ -7,13 +7,14 @@ import shlex
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from configs import LaunchConfig
 from launch import jobs
 from launch.cluster import Node, explain_pending, gpu_count, minutes, problems, request_of, what_fits
-from launch.executor import slurm_parameters
+from launch.executor import sbatch_script, slurm_parameters
 from launch.slurm import main
 
 CPU_NODES = [Node(f"n{i}", "debug", 2, 24105, 0, "idle", 0) for i in (1, 2)]
@@ -95,8 +96,14 @@ def test_sbatch_carries_the_network_settings_and_checks_the_shared_filesystem(tm
 
 
 def test_min_nodes_lets_the_job_start_on_fewer_nodes():
-    params = slurm_parameters(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8), "job")
+    params = slurm_parameters(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8, cpus_per_task=6), "job")
     assert params["additional_parameters"]["nodes"] == "2-4" and params["nodes"] == 4
+    # the tasks per node go to srun: in sbatch they would fix the job's task count, hence its size, at 2 nodes
+    assert "ntasks_per_node" not in params and params["cpus_per_task"] == 48
+    assert params["srun_args"] == ["--ntasks-per-node=8", "--cpus-per-task=6"] and params["gpus_per_node"] == 8
+    script = sbatch_script(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8, cpus_per_task=6), Path("f"), "j", "x")
+    assert "#SBATCH --nodes=2-4" in script and "--ntasks-per-node" not in script.split("srun --unbuffered")[0]
+    assert "--ntasks-per-node=8 --cpus-per-task=6 x" in script
     assert "nodes" not in slurm_parameters(LaunchConfig(nodes=4), "job")["additional_parameters"]
     with pytest.raises(ValueError, match="launch.min_nodes=3 must be <= launch.nodes=2"):
         LaunchConfig(nodes=2, min_nodes=3)
