@@ -236,7 +236,7 @@ def lost_ranks(folder: Path, job_id: str) -> list[str]:
     """Why ranks of the job stopped: the survivors' failure records, then how tasks ended (a local job's exit
     records, SLURM's lines)."""
     lines = [f"lost:   {ranks.failure_line(record)}" for record in ranks.read_failures(folder)]
-    lines += [f"ended:  {line}" for line in task_exit.exit_lines(folder)]
+    lines += [f"ended:  {line}" for line in task_exit.exit_lines(folder, job_id)]
     log = folder / f"{job_id}_0_log.err"
     if log.is_file():
         lines += [f"slurm:  {m.strip()}" for m in SRUN_LINES.findall(log.read_text(errors="replace"))]
