@@ -30,7 +30,7 @@ class Plan:
 
 def _train(run_dir, world: int, accum: int, start: int, stop: int, iters: int = 0) -> None:
     for rank in range(world):
-        record = BatchRecord(Plan(rank, world, accum), run_dir / "batches", rank, world, iters)
+        record = BatchRecord(Plan(rank, world, accum), run_dir / "batches", rank, world, accum, iters)
         for batch in record.epoch(0, start):  # as the loop: it stops after a step, reading nothing further
             if (batch["step"], batch["micro"]) == (stop - 1, accum - 1):
                 break
@@ -58,4 +58,13 @@ def test_a_missing_slice_is_named(tmp_path):
         global_batches(tmp_path)
     path.write_text(json.dumps({"epoch": 0}) + "\n")
     with pytest.raises(ValueError, match="rank1-of-2.jsonl:1: not a batch record line"):
+        global_batches(tmp_path)
+
+
+def test_a_step_missing_its_last_micro_batch_is_incomplete(tmp_path):
+    _train(tmp_path, world=1, accum=2, start=0, stop=2)
+    path = tmp_path / "batches" / "rank0-of-1.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # killed after step 1's first micro-batch, never resumed
+    with pytest.raises(ValueError, match="epoch 0 step 1: recorded in part"):
         global_batches(tmp_path)

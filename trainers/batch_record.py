@@ -2,7 +2,7 @@
 resumed run, also on another number of processes or nodes, trained on the batches of an uninterrupted one.
 
 Each process appends one JSON line per micro-batch to ``RUN/batches/rank<r>-of-<world>.jsonl``:
-``{"epoch", "step", "rank", "world", "micro", "keys"}``. The cost is the keys' text (about 30 bytes per sample
+``{"epoch", "step", "rank", "world", "accum", "micro", "keys"}``. The cost is the keys' text (about 30 bytes per sample
 and step) and a line write per micro-batch; it is off by default. ``global_batches(run_dir)`` puts the global
 batches back together, whatever the layouts the run went through.
 """
@@ -21,8 +21,8 @@ class BatchRecord:
     nothing.
     """
 
-    def __init__(self, stream, folder: Path, rank: int, world: int, iters_per_epoch: int = 0) -> None:
-        self.stream, self.rank, self.world, self.iters = stream, rank, world, iters_per_epoch
+    def __init__(self, stream, folder: Path, rank: int, world: int, accum: int, iters_per_epoch: int = 0) -> None:
+        self.stream, self.rank, self.world, self.accum, self.iters = stream, rank, world, accum, iters_per_epoch
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / f"rank{rank}-of-{world}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
@@ -34,7 +34,7 @@ class BatchRecord:
         for batch in self.stream.epoch(epoch, start):
             if batch["step"] < steps:
                 line = {"epoch": epoch, "step": batch["step"], "rank": self.rank, "world": self.world,
-                        "micro": batch["micro"], "keys": list(batch["key"])}  # fmt: skip
+                        "accum": self.accum, "micro": batch["micro"], "keys": list(batch["key"])}  # fmt: skip
                 self.file.write(json.dumps(line) + "\n")
                 self.file.flush()  # a stopped or killed process keeps what it trained on
             yield batch
@@ -51,11 +51,13 @@ def global_batches(run_dir: str | Path) -> dict[tuple[int, int], list[str]]:
     record is missing).
     """
     slices: dict[tuple[int, int], dict[tuple[int, int, int], list[str]]] = defaultdict(dict)
+    layouts: dict[tuple[int, int], set[tuple[int, int]]] = defaultdict(set)  # (world, accum) each step was cut in
     for path in sorted(Path(run_dir, "batches").glob("rank*-of-*.jsonl")):
         for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 rec = json.loads(text)
                 pos, part = (rec["epoch"], rec["step"]), (rec["world"], rec["rank"], rec["micro"])
+                layouts[pos].add((rec["world"], rec["accum"]))
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{path}:{number}: not a batch record line") from None
             if part in slices[pos]:
@@ -63,10 +65,11 @@ def global_batches(run_dir: str | Path) -> dict[tuple[int, int], list[str]]:
             slices[pos][part] = rec["keys"]
     out = {}
     for pos, parts in sorted(slices.items()):
-        worlds = {world for world, _, _ in parts}
-        micros = 1 + max(micro for _, _, micro in parts)
-        expected = {(w, r, m) for w in worlds for r in range(w) for m in range(micros)}
-        if len(worlds) > 1 or set(parts) != expected:
+        # the layout comes from the records, not from the parts seen: a step whose last micro-batch was never
+        # recorded (killed mid-step, not resumed) is incomplete, not a smaller complete step
+        ((world, accum), *others) = layouts[pos]
+        expected = {(world, r, m) for r in range(world) for m in range(accum)}
+        if others or set(parts) != expected:
             raise ValueError(f"epoch {pos[0]} step {pos[1]}: recorded in part or more than once: {sorted(parts)}")
         out[pos] = [key for part in sorted(parts) for key in parts[part]]
     return out

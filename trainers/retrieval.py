@@ -270,7 +270,7 @@ def run(cfg, run_dir=None, resume=None, max_steps=0, stream_fn=None, num_classes
     stream, signals = stream_fn(cfg, accelerator.process_index, accelerator.num_processes), None
     if cfg.train.record_batches:
         stream = BatchRecord(stream, run_path / "batches", accelerator.process_index, accelerator.num_processes,
-                             cfg.schedule.iters_per_epoch)  # fmt: skip
+                             cfg.optim.grad_accum, cfg.schedule.iters_per_epoch)  # fmt: skip
     try:
         ckpt.seed_everything(cfg.train.seed)
         steps = cfg.schedule.iters_per_epoch or stream.num_steps(0)
