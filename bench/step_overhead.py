@@ -69,11 +69,14 @@ def main() -> None:
     }  # fmt: skip
     optimizers = [inner(parts.optimizer), inner(parts.aux_optimizer)]
 
-    def bare() -> None:
+    def backward() -> None:
         images = model_images(batch, cfg.data.augment, accelerator.device)
         with accelerator.autocast():
             loss = parts.criterion(parts.model(images, batch["label"]), {**batch, "image": images})["loss"]
         loss.backward()
+
+    def bare() -> None:
+        backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -101,7 +104,7 @@ def main() -> None:
     print(f"| trainer step (no data) | {t:.1f} |")
     print(f"| bare / trainer | {b / t:.3f} |")
 
-    bare()  # gradients to step on, kept and put back before each timed step
+    backward()  # gradients to step on, kept and put back before each timed step
     params = [p for p in parts.model.parameters() if p.grad is not None]
     grads = [p.grad.clone() for p in params]
 
