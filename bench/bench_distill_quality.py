@@ -35,6 +35,7 @@ SHARED = Path(os.environ.get("DETRETR_SHARED_DATA", Path(__file__).resolve().par
 # (task, base task, teacher backbone, teacher epochs, student backbone, student epochs, steps per epoch cap)
 SETUPS = {
     "reid": ("reid", "resnet34", 12, "resnet18", 4, 0),
+    "reid_long": ("reid", "resnet34", 24, "resnet18", 4, 0),
     "retail": ("retail", "resnet34", 8, "resnet18", 4, 30),
     "retail_long": ("retail", "resnet34", 24, "resnet18", 4, 30),
     "cross": ("reid", "swin_tiny_patch4_window7_224", 4, "resnet18", 4, 0),
