@@ -1,14 +1,14 @@
 """Does distillation help on real data? Teacher, student alone and student distilled, CPU, random init.
 
-    python bench/bench_distill_quality.py [--task reid,retail,retail_long,cross|all] [--seeds 0,1,2,3] [--work DIR]
+    python bench/bench_distill_quality.py [--task SETUP,...|all] [--seeds 0,1,2,3] [--work DIR]
 
 reid: mars_mini (config reid_demo); retail: grocery_store (config retr_demo); the data settings are those of
 bench/bench_train_quality.py. Per setup a teacher (a larger backbone, trained 2-6x as long) is trained once;
 then for each seed the student alone and the student distilled (``trainer=distill``) train with the same
 budget, seed, batches and initial weights, so each pair differs only in the distillation terms. ``cross``:
-a small Swin teacher into the ResNet student on mars_mini. ``retail_long``: the retail setup with a teacher
-trained three times as long (the 8-epoch one is barely ahead of the student); its student-alone runs are the
-retail setup's. Every run goes through trainers/retrieval.py's
+a small Swin teacher into the ResNet student on mars_mini. ``retail_long`` / ``reid_long``: the same with a teacher
+trained 24 epochs (the 8-epoch retail one is barely ahead of the student); they share their set's student-alone
+runs. Every run goes through trainers/retrieval.py's
 ``run``. Results are appended to ``<work>/results.jsonl`` as they come, then tabulated with the student's
 embedding speed-up over its teacher (bench/bench_distill_speed.py, same process).
 """
@@ -178,9 +178,7 @@ def table(rows: list[dict], speed: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--task", default="all", help="comma-separated setups (reid, retail, retail_long, cross) or all"
-    )
+    parser.add_argument("--task", default="all", help="comma-separated setups (a key of SETUPS) or all")
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--work", default="/tmp/bench_distill_quality")
     parser.add_argument("--table-only", action="store_true", help="tabulate <work>/results.jsonl, train nothing")
