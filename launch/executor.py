@@ -38,6 +38,20 @@ def tasks_per_node(launch: LaunchConfig) -> int:
     return launch.gpus_per_node if launch.gpus_per_node > 0 else launch.cpu_tasks
 
 
+def task_count(launch: LaunchConfig) -> str:
+    """Tasks of the job in words: ``"4"``, or ``"2-4"`` when ``launch.min_nodes`` lets it run on fewer nodes."""
+    per_node = tasks_per_node(launch)
+    if 0 < launch.min_nodes < launch.nodes:
+        return f"{launch.min_nodes * per_node}-{launch.nodes * per_node}"
+    return str(launch.nodes * per_node)
+
+
+def world_sizes(launch: LaunchConfig) -> range:
+    """The process counts the job may run with: one per node count from ``launch.min_nodes`` to ``launch.nodes``."""
+    per_node, low = tasks_per_node(launch), launch.min_nodes or launch.nodes
+    return range(low * per_node, launch.nodes * per_node + 1, per_node)
+
+
 def extra_sbatch_parameters(lines: tuple[str, ...]) -> dict[str, Any]:
     """``("--exclusive", "--mail-type=END")`` -> ``{"exclusive": True, "mail-type": "END"}``."""
     params: dict[str, Any] = {}

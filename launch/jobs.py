@@ -17,6 +17,7 @@ import submitit
 from configs import LaunchConfig
 from launch import ranks, task_exit
 from launch.cluster import pending_reason
+from launch.executor import task_count
 from launch.progress import ProgressReporter
 from launch.result import read_result
 
@@ -33,6 +34,7 @@ def write_record(job: submitit.Job, cluster: str, config: str, launch: LaunchCon
         "cluster": cluster,
         "config": config,
         "num_tasks": job.num_tasks,
+        "tasks": task_count(launch),  # in words; a range when launch.min_nodes lets the job run on fewer nodes
         "time_min": launch.time_min,
         "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

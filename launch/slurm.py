@@ -21,7 +21,7 @@ import submitit
 from configs import ExperimentConfig, LaunchConfig, apply_overrides, config_kind, load_config, parse_overrides
 from launch import jobs
 from launch.cluster import check_request
-from launch.executor import make_executor, resolve_cluster, sbatch_script, tasks_per_node
+from launch.executor import make_executor, resolve_cluster, sbatch_script, tasks_per_node, world_sizes
 from launch.job import TrainJob, trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,8 @@ def submit(
 ) -> submitit.Job | None:
     """Submit config ``name``; returns the job (None for a dry run). ``trainer`` overrides the module."""
     cfg, launch, options = job_spec(name, overrides)
+    if cfg is not None:
+        check_world_sizes(cfg, launch)  # before queueing: a requeue onto another node count must not fail there
     cluster = resolve_cluster(cluster or launch.cluster, preview=dry_run)
     job_name = cfg.name if cfg is not None else name
     output_dir = Path(cfg.output_dir if cfg is not None else "runs").resolve()
@@ -80,6 +82,20 @@ def submit(
         raise RuntimeError(f"SLURM rejected the job ({cluster} executor):\n{jobs.sbatch_error(exc)}") from None
     jobs.write_record(job, cluster, name, launch)
     return job
+
+
+def check_world_sizes(cfg, launch: LaunchConfig) -> None:
+    """Refuse before queueing a job whose global batch does not divide on every process count it may run with
+    (with ``launch.min_nodes``, a start or a requeue may get any node count from MIN to MAX)."""
+    for world in world_sizes(launch):
+        if cfg.data.batch_size % (world * cfg.optim.grad_accum):
+            nodes = world // tasks_per_node(launch)
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} is not divisible by {world} process(es) x "
+                f"optim.grad_accum={cfg.optim.grad_accum}, which the job runs with on {nodes} node(s) "
+                f"(launch.min_nodes={launch.min_nodes}, launch.nodes={launch.nodes}): choose a batch size that every "
+                f"node count divides, or narrow launch.min_nodes"
+            )
 
 
 def private_job_folders(parent: Path) -> None:
@@ -115,7 +131,9 @@ def print_follow(job: submitit.Job, cluster: str) -> None:
     folder = Path(job.paths.folder)
     me = "python launch/slurm.py" if Path.cwd().resolve() == REPO else f"python {Path(__file__).resolve()}"
     queue = f"squeue -j {job.job_id}" if cluster == "slurm" else f"ps -o pid,etime,args --ppid {job.job_id}"
-    print(f"submitted job {job.job_id} ({cluster}, {job.num_tasks} task(s)) -> {folder}")
+    record = jobs.find_record(str(job.job_id), folder.parent)
+    tasks = record[1].get("tasks", job.num_tasks) if record else job.num_tasks
+    print(f"submitted job {job.job_id} ({cluster}, {tasks} task(s)) -> {folder}")
     print(f"  log:         tail -f {job.paths.stdout} {job.paths.stderr}")
     print(f"  queue:       {queue}")
     print(f"  tensorboard: tensorboard --logdir {folder / 'tb'} --host 127.0.0.1")

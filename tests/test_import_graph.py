@@ -108,11 +108,27 @@ def test_layers(package, forbidden):
     assert not bad, f"{package} must not import {sorted(forbidden)}: {bad}"
 
 
+MODULE_INTERNALS = {"_buffers", "_parameters", "_modules"}  # nn.Module's dicts: register_buffer / setattr instead
+
+
 def private_torch_names(path: Path) -> list[str]:
-    """``torch.x._y`` / ``nn.x._y`` attribute chains in ``path`` (dunders such as ``__version__`` are public;
+    """``torch.x._y`` / ``nn.x._y`` attribute chains, ``from torch... import _x`` and nn.Module's internal dicts in
+    ``path`` (dunders such as ``__version__`` are public;
     ``torch.ops.NS.name`` are operators registered under those names, not Python attributes)."""
     found = []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            names = [*node.module.split(".")[1:], *(alias.name for alias in node.names)]
+            if any(private(n) for n in names):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import ...")
+            continue
+        if isinstance(node, ast.Attribute) and node.attr in MODULE_INTERNALS:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr} (nn.Module's internal dict)")
+            continue
         if not isinstance(node, ast.Attribute):
             continue
         chain = ast.unparse(node).split(".")

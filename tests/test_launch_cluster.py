@@ -14,7 +14,7 @@ import pytest
 from configs import LaunchConfig
 from launch import jobs
 from launch.cluster import Node, explain_pending, gpu_count, minutes, problems, request_of, what_fits
-from launch.executor import sbatch_script, slurm_parameters
+from launch.executor import sbatch_script, slurm_parameters, task_count, world_sizes
 from launch.slurm import main
 
 CPU_NODES = [Node(f"n{i}", "debug", 2, 24105, 0, "idle", 0) for i in (1, 2)]
@@ -107,3 +107,17 @@ def test_min_nodes_lets_the_job_start_on_fewer_nodes():
     assert "nodes" not in slurm_parameters(LaunchConfig(nodes=4), "job")["additional_parameters"]
     with pytest.raises(ValueError, match="launch.min_nodes=3 must be <= launch.nodes=2"):
         LaunchConfig(nodes=2, min_nodes=3)
+
+
+def test_a_batch_that_some_allowed_node_count_cannot_divide_is_refused_before_queueing(capsys):
+    assert task_count(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8)) == "16-32"
+    assert task_count(LaunchConfig(nodes=2, cpu_tasks=2)) == "4"
+    assert list(world_sizes(LaunchConfig(nodes=4, min_nodes=2, gpus_per_node=8))) == [16, 24, 32]
+    # 3 nodes x 8 GPUs = 24 processes do not divide 256: a requeue onto 3 nodes would fail after waiting in the queue
+    args = ["--config", "retr_demo", "--cluster", "slurm", "--dry-run", "launch.nodes=4", "launch.min_nodes=2",
+            "launch.gpus_per_node=8", "data.batch_size=256"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.batch_size=256 is not divisible by 24 process(es)" in err
+    assert "on 3 node(s)" in err and "launch.min_nodes=2" in err
+    assert main([*args[:-1], "data.batch_size=192"]) == 0  # 16, 24 and 32 all divide 192

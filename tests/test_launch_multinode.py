@@ -69,7 +69,7 @@ def _states() -> str:
 def submit(overrides: list[str], capsys) -> tuple[object, Path]:
     assert main(["--config", "retr_demo", "--cluster", "slurm", "--wait", "0", *overrides]) == 0
     out = capsys.readouterr().out
-    found = re.search(r"submitted job (\d+) \(slurm, (\d+) task\(s\)\) -> (\S+)", out)
+    found = re.search(r"submitted job (\d+) \(slurm, ([\d-]+) task\(s\)\) -> (\S+)", out)
     assert found, out
     job, _ = jobs.load_job(found.group(1), Path(found.group(3)).parent.parent)
     return job, Path(found.group(3))

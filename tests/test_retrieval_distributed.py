@@ -225,6 +225,7 @@ def test_elastic_resume_continues_with_the_batches_of_the_uninterrupted_run(samp
     _torchrun(then, cut, script, *data, TEST_REAL_STREAM="1", TEST_RESUME="auto")
     log = (cut / "run" / "train.log").read_text()
     assert f"written by {first} process(es), now {then}" in log
+    assert f"the global batch is now cut into {then} micro-batches, not {first}" in log  # said, not silent
     expected = _global_batches(tmp_path / "full")
     assert sorted(expected) == [(e, s) for e in range(2) for s in range(3)]
     assert all(len(keys) == 16 and len(set(keys)) == 16 for keys in expected.values())
@@ -276,6 +277,7 @@ def test_elastic_resume_with_batchnorm(sample_shards, bn_uninterrupted, tmp_path
     _torchrun(then, cut, script, *data, ACCUM[then], TEST_REAL_STREAM="1", TEST_RESUME="auto")
     log = (cut / "run" / "train.log").read_text()
     assert f"written by {first} process(es), now {then}; optim.grad_accum {3 - first}, now {3 - then}" in log
+    assert "the global batch is now cut into" not in log  # the cut is kept: no warning
     expected = _global_batches(bn_uninterrupted[then])
     assert sorted(expected) == [(e, s) for e in range(2) for s in range(3)]
     assert _global_batches(bn_uninterrupted[first]) == expected  # the plan does not depend on the layout

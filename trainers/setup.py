@@ -220,7 +220,7 @@ def prepare_parts(model: torch.nn.Module, criterion: torch.nn.Module, cfg: Exper
         for module in raw_model.modules():
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None and buf.is_floating_point():
-                    module._buffers[name] = buf.to(dtype)
+                    setattr(module, name, buf.to(dtype))  # a registered buffer's name: replaced as a buffer
     return Parts(model, raw_model, criterion, optimizer, aux_optimizer, scheduler, dtype)
 
 

@@ -103,4 +103,15 @@ def restore_state(path: Path, parts: Parts, cfg: ExperimentConfig, accelerator: 
     log.info("resumed from %s: epoch %d, step %d (global step %d), written by %d process(es), now %d; "
              "optim.grad_accum %d, now %d", path, prog.epoch + 1, prog.step, prog.global_step, state["world_size"],
              accelerator.num_processes, accum, cfg.optim.grad_accum)  # fmt: skip
+    before, now = state["world_size"] * accum, accelerator.num_processes * cfg.optim.grad_accum
+    if before != now:  # the same global batches, cut into other micro-batches: not the uninterrupted run's result
+        log.warning("the global batch is now cut into %d micro-batches, not %d (processes x optim.grad_accum): "
+                    "BatchNorm statistics and per-process triplet mining see other samples together, so the run "
+                    "continues on the same batches but not exactly as it would have; set optim.grad_accum=%s to keep "
+                    "the cut", now, before, _keeping(before, accelerator.num_processes))  # fmt: skip
     return prog
+
+
+def _keeping(cut: int, processes: int) -> str:
+    """The optim.grad_accum that keeps ``cut`` micro-batches per global batch on ``processes``, in words."""
+    return str(cut // processes) if cut % processes == 0 else f"(none: {cut} is not a multiple of {processes})"
