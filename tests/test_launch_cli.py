@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, capsys):
     args = ["--config", "retr_demo", "--cluster", "local", "--dry-run", f"output_dir={tmp_path}",
-            "launch.cpu_tasks=3", "launch.cpus_per_task=1", "launch.partition=gpu", "launch.time_min=30",
+            "launch.cpu_tasks=4", "launch.cpus_per_task=1", "launch.partition=gpu", "launch.time_min=30",
             "launch.signal_delay_s=45", "launch.mem_gb=8",
             "launch.extra_sbatch=--exclusive,--mail-type=END"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    for line in ("#SBATCH --ntasks-per-node=3", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=gpu",
+    for line in ("#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=1", "#SBATCH --partition=gpu",
                  "#SBATCH --time=30", "#SBATCH --signal=USR2@45", "#SBATCH --mem=8GB", "#SBATCH --exclusive",
                  "#SBATCH --mail-type=END", "#SBATCH --requeue", "srun ", "-m submitit.core._submit"):  # fmt: skip
         assert line in out, line
@@ -206,3 +206,9 @@ def test_a_stale_local_job_id_never_signals_an_unrelated_process(tmp_path, capsy
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_batch_the_processes_cannot_divide_is_refused_even_in_a_dry_run(tmp_path, capsys):
+    args = ["--config", "retr_demo", "--cluster", "local", "--dry-run", f"output_dir={tmp_path}", "launch.cpu_tasks=3"]
+    assert main(args) == 2  # 32 samples a step over 3 processes: every task would fail at its start
+    assert "data.batch_size=32 is not divisible by 3 process(es)" in capsys.readouterr().err
