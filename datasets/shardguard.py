@@ -56,25 +56,33 @@ def holder(folder: str | Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} ({info.get('command', '?')}, since {info.get('since', '?')})"
 
 
-def _acquire(fd: int, folder: Path, wait_s: float) -> None:
+def _poll(fd: int, folder: Path, wait_s: float, mode: int, busy, waiting: str) -> float:
+    """Take ``flock(fd, mode)``, polling while a writer holds the lock: say ``waiting`` every 30 s, and past
+    ``wait_s`` raise ``ShardsBusy(busy(waited))``. Returns the seconds waited."""
     start, next_say = time.monotonic(), 0.0
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return time.monotonic() - start
         except BlockingIOError:
             waited = time.monotonic() - start
             if waited >= wait_s:
-                raise ShardsBusy(
-                    f"shards folder {folder} is being written by {holder(folder)}"
-                    + (f"; waited {wait_s:.0f} s" if wait_s else "")
-                    + ". Wait for it to finish (datasets.prepare --wait SECONDS) or write elsewhere (data.shards=...)"
-                ) from None
+                raise ShardsBusy(busy(waited)) from None
             if waited >= next_say:
-                log.warning("shards folder %s is being written by %s; waiting up to %.0f s", folder, holder(folder),
-                            wait_s)  # fmt: skip
+                log.warning(waiting, folder, holder(folder), wait_s)
                 next_say = waited + SAY_EVERY_S
             time.sleep(POLL_S)
+
+
+def _acquire(fd: int, folder: Path, wait_s: float) -> None:
+    def busy(waited: float) -> str:
+        return (
+            f"shards folder {folder} is being written by {holder(folder)}"
+            + (f"; waited {wait_s:.0f} s" if wait_s else "")
+            + ". Wait for it to finish (datasets.prepare --wait SECONDS) or write elsewhere (data.shards=...)"
+        )
+
+    _poll(fd, folder, wait_s, fcntl.LOCK_EX, busy, "shards folder %s is being written by %s; waiting up to %.0f s")
 
 
 @contextlib.contextmanager
@@ -129,26 +137,17 @@ def await_writer(folder: str | Path, wait_s: float = 0.0) -> None:
 
 
 def _share(fd: int, folder: Path, wait_s: float) -> None:
-    start, next_say = time.monotonic(), 0.0
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            if next_say:
-                log.info("shards folder %s is complete after %.0f s; going on", folder, time.monotonic() - start)
-            return
-        except BlockingIOError:
-            waited = time.monotonic() - start
-            if waited >= wait_s:
-                raise ShardsBusy(
-                    f"shards folder {folder} is still being written by {holder(folder)}"
-                    + (f"; waited {waited:.0f} s ({WAIT_KEY}={wait_s:g})" if wait_s else "")
-                    + f". Start once it has finished (its manifest is written last), or raise {WAIT_KEY}"
-                ) from None
-            if waited >= next_say:
-                log.warning("shards folder %s is being written by %s; waiting for it to finish (up to %.0f s, %s)",
-                            folder, holder(folder), wait_s, WAIT_KEY)  # fmt: skip
-                next_say = waited + SAY_EVERY_S
-            time.sleep(POLL_S)
+    def busy(waited: float) -> str:
+        return (
+            f"shards folder {folder} is still being written by {holder(folder)}"
+            + (f"; waited {waited:.0f} s ({WAIT_KEY}={wait_s:g})" if wait_s else "")
+            + f". Start once it has finished (its manifest is written last), or raise {WAIT_KEY}"
+        )
+
+    waiting = f"shards folder %s is being written by %s; waiting for it to finish (up to %.0f s, {WAIT_KEY})"
+    waited = _poll(fd, folder, wait_s, fcntl.LOCK_SH, busy, waiting)
+    if waited >= POLL_S:
+        log.info("shards folder %s is complete after %.0f s; going on", folder, waited)
 
 
 def describe(source: Mapping) -> str:
