@@ -63,7 +63,8 @@ def test_unsatisfiable_request_is_refused_and_pending_reason_explained(tmp_path,
     if shutil.which("sbatch") is None:
         pytest.skip("no SLURM here (`sbatch` not on PATH); start one with tests/slurm/up.sh")
     runs = [f"output_dir={tmp_path}", f"data.root={tmp_path / 'sample'}", f"data.shards={tmp_path / 'shards'}"]
-    assert main(["--config", "retr_demo", "--cluster", "slurm", "launch.cpu_tasks=64", *runs]) == 2
+    too_many = ["launch.cpu_tasks=64", "data.batch_size=64"]  # a batch 64 processes divide: the CPUs are the fault
+    assert main(["--config", "retr_demo", "--cluster", "slurm", *too_many, *runs]) == 2
     assert "cannot run this job" in capsys.readouterr().err
     # a job held until later: --status says why it waits and what releases it
     held = [*runs, "launch.extra_sbatch=--begin=now+3600", "launch.cpus_per_task=1"]
