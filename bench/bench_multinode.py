@@ -60,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="1-node / 2-node pairs, alternated")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="overrides for both jobs, e.g. launch.env=OMP_NUM_THREADS=1")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_multinode_"))
     from datasets.prepare import main as prepare
@@ -70,7 +71,7 @@ def main() -> None:
     batch = 32
     common = [*data, f"output_dir={root / 'runs'}", "launch.cpu_tasks=1", "launch.cpus_per_task=1",
               f"schedule.epochs={args.epochs}", "eval.enabled=false", "train.log_every=1",
-              f"data.batch_size={batch}", "checkpoint.every_steps=1000"]  # fmt: skip
+              f"data.batch_size={batch}", "checkpoint.every_steps=1000", *args.overrides]  # fmt: skip
     rates: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for nodes in (1, 2):
