@@ -273,9 +273,17 @@ def _assert_continues_the_uninterrupted_run(job, folder: Path, uninterrupted: Pa
     expected = global_batches(uninterrupted)
     assert len(expected) == _global_step(folder) > 20  # every step of the uninterrupted run, once
     assert global_batches(folder) == expected  # same keys in the same order; nothing replayed or skipped
+    # Not bitwise: 2 ranks of 16 and 1 process of 32 reduce the batch in a different order, and the rounding noise
+    # grows with every step after the change. Measured on the final weights (relative norm of the difference,
+    # worst tensor): 1e-4 to 2.2e-4 for 2->1 and 1->2 runs; a resume that lost SGD's momentum buffers at step
+    # 56 gave 2.6e-2. The bound sits between the two, a decade from each.
     reference, elastic = final_weights(uninterrupted), final_weights(folder)
     for key, value in reference.items():
-        assert torch.allclose(elastic[key], value, atol=2e-4, rtol=0), f"{key}: the steps differed"
+        if value.is_floating_point():
+            drift = float((elastic[key] - value).norm() / value.norm().clamp_min(1e-12))
+            assert drift < 3e-3, f"{key}: the steps differed (relative difference {drift:.1e})"
+        else:
+            assert torch.equal(elastic[key], value), key
 
 
 def test_requeued_onto_fewer_nodes_continues_with_the_same_batches(demo, uninterrupted, drain, capsys):
