@@ -146,7 +146,10 @@ def set_threads(cfg: ExperimentConfig) -> str:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
         return f"{cfg.train.threads} (train.threads)"
-    if os.environ.get("OMP_NUM_THREADS"):
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        # set explicitly: torch reads the variable once, when it starts, and a SLURM task imports torch (to
+        # unpickle its job) before the launcher's job wrapper sets it from launch.cpus_per_task
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
