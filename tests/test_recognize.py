@@ -114,6 +114,39 @@ def test_query_expansion_and_rerank_do_not_inflate_the_open_set_similarity():
         assert m["category_id"] == UNKNOWN and m["alternatives"][0]["category_id"] == 1
 
 
+def test_a_large_bank_is_reranked_per_query_among_its_shortlist(monkeypatch):
+    import torch
+
+    import inference.match as matching
+    from inference.bank import GalleryBank
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 32, generator=gen)
+    views = centres.repeat_interleave(15, 0) + 0.35 * torch.randn(600, 32, generator=gen)  # 40 SKUs x 15 views
+    skus = torch.arange(40).repeat_interleave(15).tolist()
+    truth = torch.randint(0, 40, (24,), generator=gen)
+    queries = centres[truth] + 0.35 * torch.randn(24, 32, generator=gen)
+    bank = GalleryBank.build(views, identities=skus)
+    whole = matching.match(bank, queries, MatchOptions(rerank=True, rerank_shortlist=600))
+    galleries = []
+    real = matching.k_reciprocal_rerank
+    monkeypatch.setattr(
+        matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
+    )
+    short = matching.match(bank, queries, MatchOptions(rerank=True, rerank_shortlist=150))
+    assert galleries == [150] * 24  # one re-ranking per query, among its 150 nearest rows, not the 600
+    nearest = set(bank.search(queries[:1], 150)[1][0].tolist())
+    assert {a["index"] for a in short[0]["alternatives"]} <= nearest
+    agree = np.mean([a["category_id"] == b["category_id"] for a, b in zip(whole, short)])
+    assert agree >= 0.9, agree  # the k1=20 neighbourhoods lie inside the shortlist: the same answers, nearly all
+    assert np.mean([r["category_id"] == t for r, t in zip(short, truth.tolist())]) >= 0.9
+    alone = [matching.match(bank, queries[i : i + 1], MatchOptions(rerank=True, rerank_shortlist=150))[0]
+             for i in range(4)]  # fmt: skip
+    assert alone == short[:4]  # a query's answer does not depend on the other crops of its batch
+    with pytest.raises(ValueError, match="rerank shortlist=0"):
+        MatchOptions(rerank_shortlist=0)
+
+
 def test_class_agnostic_row_ranks_boxes_by_the_detector_score():
     gt = {"images": [{"id": 1, "width": 100, "height": 100}], "categories": [{"id": 1}, {"id": 2}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900,
