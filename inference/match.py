@@ -33,9 +33,13 @@ class MatchOptions:
     """alpha-QE with this many gallery neighbours (0 = off)"""
     rerank: bool = False
     """k-reciprocal re-ranking of the query against the bank (k1=20, k2=6, lambda=0.3)"""
+    rerank_exact_max: int = 10000
+    """a bank of up to this many rows is re-ranked whole, with the batch's queries; a larger one per query
+    among its ``rerank_shortlist`` nearest rows (exact re-ranking builds the neighbourhoods of the whole bank
+    for every batch: (Q+G)^2 distances, 2.5e11 at 500k rows)"""
     rerank_shortlist: int = 1000
-    """a bank with more rows is re-ranked per query among its this many nearest rows (exact re-ranking builds
-    the neighbourhoods of the whole bank for every batch: (Q+G)^2 distances, 2.5e11 at 500k rows)"""
+    """nearest rows re-ranked per query when the bank is larger than ``rerank_exact_max`` (at least the
+    candidates the matcher needs: max(64, 8 x topk))"""
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -44,8 +48,9 @@ class MatchOptions:
             raise ValueError(f"unknown threshold {self.unknown_threshold} must be a cosine similarity in [-1, 1]")
         if self.query_expansion < 0:
             raise ValueError(f"query expansion k={self.query_expansion} must be >= 0")
-        if self.rerank_shortlist < 1:
-            raise ValueError(f"rerank shortlist={self.rerank_shortlist} must be >= 1")
+        if self.rerank_shortlist < 1 or self.rerank_exact_max < 0:
+            raise ValueError(f"rerank shortlist={self.rerank_shortlist} must be >= 1 and the exact re-ranking "
+                             f"limit={self.rerank_exact_max} >= 0")  # fmt: skip
 
 
 def combined_score(det_score: float, similarity: float) -> float:
@@ -56,13 +61,13 @@ def combined_score(det_score: float, similarity: float) -> float:
 def _candidates(bank: GalleryBank, q: torch.Tensor, k: int, opts: MatchOptions) -> torch.Tensor:
     """Gallery indices [Q, k] in ranking order (re-ranked order when asked; -1 pads a short row).
 
-    A bank of at most ``opts.rerank_shortlist`` rows is re-ranked whole, with the batch's queries. A larger one
+    A bank of at most ``opts.rerank_exact_max`` rows is re-ranked whole, with the batch's queries. A larger one
     is re-ranked per query among the query's ``rerank_shortlist`` nearest rows (from the bank's index), the
     usual way to afford k-reciprocal re-ranking on a large gallery: its k1 = 20 neighbourhoods lie far inside
     the shortlist, and a query's result no longer depends on the other crops of its batch."""
     if not opts.rerank:
         return bank.search(q, k, raw=False)[1]
-    if len(bank) <= opts.rerank_shortlist:
+    if len(bank) <= opts.rerank_exact_max:
         dist = k_reciprocal_rerank(q, bank.features, metric="cosine")
         return torch.topk(dist, k, dim=1, largest=False).indices
     shortlists = bank.search(q, max(opts.rerank_shortlist, k), raw=False)[1]
@@ -88,6 +93,9 @@ def match(bank: GalleryBank, raw_features: torch.Tensor, opts: MatchOptions) -> 
     ranker = alpha_query_expansion(q, bank.features, k=opts.query_expansion) if opts.query_expansion else q
     k = min(len(bank), max(64, 8 * opts.topk))  # enough rows to find topk distinct SKUs among their views
     idx = _candidates(bank, ranker, k, opts)
+    empty = (idx < 0).all(1)  # an approximate index (IVF with few probes) can find nothing: exact search there
+    if empty.any():
+        idx[empty] = bank.search(ranker[empty], k, raw=False, exact=True)[1]
     # QE and re-ranking only order the candidates: the reported similarity (threshold, score rule) is the
     # crop's own cosine, since an expanded query is pulled towards the bank and would hide unknown products
     sims = (q[:, None, :] * bank.features[idx.clamp(min=0)]).sum(-1)

@@ -235,8 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unknown-threshold", type=float, default=None, help="cosine below which a box is unknown")
     parser.add_argument("--qe", type=int, default=0, help="alpha query expansion with K bank neighbours (0 = off)")
     parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking against the bank")
+    parser.add_argument(
+        "--rerank-exact-max",
+        type=int,
+        default=10000,
+        help="a bank of up to N rows is re-ranked whole with the batch, a larger one per query",
+    )
     parser.add_argument("--rerank-shortlist", type=int, default=1000,
-                        help="a larger bank is re-ranked per query among its N nearest rows")  # fmt: skip
+                        help="rows re-ranked per query (its nearest) in a bank above --rerank-exact-max")  # fmt: skip
     parser.add_argument("--pictures", type=int, default=8, help="draw the first N images (0 = none)")
     parser.add_argument("--tb", default=None, help="TensorBoard folder for the pictures (default: beside --out)")
     parser.add_argument("--batch-images", type=int, default=4, help="images per detector batch")
@@ -270,7 +276,8 @@ def run_cli(args, detector_factory: Callable | None = None) -> int:
     retriever = load_retriever(args.retriever, args.config, device=args.device, batch_size=args.batch_size)
     bank = read_version(args.bank)
     queries, _ = read_queries(args.images, args.image_root, args.split)
-    opts = MatchOptions(args.topk, args.unknown_threshold, args.qe, args.rerank, args.rerank_shortlist)
+    opts = MatchOptions(args.topk, args.unknown_threshold, args.qe, args.rerank, args.rerank_exact_max,
+                        args.rerank_shortlist)  # fmt: skip
     detector = detector_factory(args) if args.detector else None
     boxes = "detector" if detector is not None else args.boxes
     run = recognize(queries, retriever, bank, opts, boxes, detector, args.batch_images, not args.no_progress)

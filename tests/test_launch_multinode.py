@@ -200,11 +200,16 @@ def test_time_limit_signal_reaches_both_nodes_and_the_job_resumes(demo, capsys):
 
 
 # A model without BatchNorm (LayerNorm only), triplets mined over all ranks: equal global batches give equal steps
-# whatever the number of processes, so the elastic run must end with the uninterrupted run's weights, up to the
-# order in which the processes' sums are added. Measured here over 113 steps (10 epochs: seconds, long enough to
-# preempt mid-run), one thread per process (the thread count changes sums too): the elastic runs end within 4e-5
-# to 7e-5 of the uninterrupted one, while the last step alone moves weights by up to 1e-3. (Over 20 epochs the
-# drift grew to 7e-4, too close to a step to tell one lost.)
+# whatever the number of processes, up to the order in which the processes' sums are added. That float noise is
+# not small everywhere: batch-hard mining picks the hardest positive and negative, and where two candidates nearly
+# tie, the noise can flip the pick and the runs part. Measured over this run's 113 steps (10 epochs: seconds, long
+# enough to preempt mid-run), one thread per process, worst tensor's relative L2 difference from the
+# uninterrupted run: 2 processes from the start 1.1e-4; 2->1 at step 8 9.4e-5; 1->2 at step 16 2.2e-4; but 1->2
+# at steps 4 and 8 and 2->1 at step 6, 3.0e-3. In the 1->2-at-8 run the triplet loss parts from the uninterrupted
+# run's at step 14 (by 4.4e-4, where the other runs stay within 4e-5), the mark of a flipped pick. Resume defects,
+# simulated on the uninterrupted run: SGD momentum lost at step 56, 2.6e-2 (at steps 8-20, 0.33-0.79); the
+# learning rate one step late, 6.5e-2. So the test resumes after step RESUME_AFTER and allows 1e-2.
+RESUME_AFTER, DRIFT = 16, 1e-2
 ELASTIC = ["schedule.epochs=10", "launch.env=OMP_NUM_THREADS=1", "model.backbone=test_vit", "model.neck=none",
            "data.height=32", "data.width=32", "loss.triplet_all_ranks=true", "optim.name=sgd", "optim.lr=0.05",
            "eval.enabled=false", "train.record_batches=true", "launch.nodes=2", "launch.cpu_tasks=1",
@@ -264,6 +269,10 @@ def _requeue_when_idle(job, nodes_idle) -> None:
     _scontrol("update", f"JobId={job.job_id}", "StartTime=now")
 
 
+def _resumable_after(folder: Path, step: int) -> bool:
+    return any(_step(p) >= step for p in ckpt.list_states(folder / "checkpoints"))
+
+
 def _assert_continues_the_uninterrupted_run(job, folder: Path, uninterrupted: Path, first: int, then: int) -> None:
     text = (folder / "train.log").read_text()
     assert _process_counts(folder) == [first, then], text[-3000:]
@@ -273,15 +282,11 @@ def _assert_continues_the_uninterrupted_run(job, folder: Path, uninterrupted: Pa
     expected = global_batches(uninterrupted)
     assert len(expected) == _global_step(folder) > 20  # every step of the uninterrupted run, once
     assert global_batches(folder) == expected  # same keys in the same order; nothing replayed or skipped
-    # Not bitwise: 2 ranks of 16 and 1 process of 32 reduce the batch in a different order, and the rounding noise
-    # grows with every step after the change. Measured on the final weights (relative norm of the difference,
-    # worst tensor): 1e-4 to 2.2e-4 for 2->1 and 1->2 runs; a resume that lost SGD's momentum buffers at step
-    # 56 gave 2.6e-2. The bound sits between the two, a decade from each.
-    reference, elastic = final_weights(uninterrupted), final_weights(folder)
+    reference, elastic = final_weights(uninterrupted), final_weights(folder)  # not bitwise: see ELASTIC
     for key, value in reference.items():
         if value.is_floating_point():
             drift = float((elastic[key] - value).norm() / value.norm().clamp_min(1e-12))
-            assert drift < 3e-3, f"{key}: the steps differed (relative difference {drift:.1e})"
+            assert drift < DRIFT, f"{key}: the steps differed (relative difference {drift:.1e})"
         else:
             assert torch.equal(elastic[key], value), key
 
@@ -294,7 +299,7 @@ def test_requeued_onto_fewer_nodes_continues_with_the_same_batches(demo, uninter
     try:
         wait_for(lambda: _process_counts(folder), 300, "the first start")
         assert _process_counts(folder) == [2], subprocess.run(["squeue"], capture_output=True, text=True).stdout
-        wait_for(lambda: ckpt.list_states(folder / "checkpoints"), 300, "the first resumable state")
+        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state after step {RESUME_AFTER}")
         drain("detretr-n2")
         _requeue_when_idle(job, lambda: "detretr-n1 idle" in _states())
         assert jobs.wait_done(job, 900), f"job {job.job_id} did not finish within 15 minutes"
@@ -311,7 +316,7 @@ def test_requeued_onto_more_nodes_continues_with_the_same_batches(demo, uninterr
     wait_for(lambda: "detretr-n2 drain" in _states(), 60, "node 2 drained")
     job, folder = submit([*demo, *ELASTIC], capsys)
     try:
-        wait_for(lambda: ckpt.list_states(folder / "checkpoints"), 300, "the first resumable state")
+        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state after step {RESUME_AFTER}")
         _scontrol("update", "NodeName=detretr-n2", "State=RESUME")
         _requeue_when_idle(job, _both_idle)
         assert jobs.wait_done(job, 900), f"job {job.job_id} did not finish within 15 minutes"

@@ -127,24 +127,42 @@ def test_a_large_bank_is_reranked_per_query_among_its_shortlist(monkeypatch):
     truth = torch.randint(0, 40, (24,), generator=gen)
     queries = centres[truth] + 0.35 * torch.randn(24, 32, generator=gen)
     bank = GalleryBank.build(views, identities=skus)
-    whole = matching.match(bank, queries, MatchOptions(rerank=True, rerank_shortlist=600))
+    whole = matching.match(bank, queries, MatchOptions(rerank=True))  # 600 rows: re-ranked whole
     galleries = []
     real = matching.k_reciprocal_rerank
     monkeypatch.setattr(
         matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
     )
-    short = matching.match(bank, queries, MatchOptions(rerank=True, rerank_shortlist=150))
+    per_query = MatchOptions(rerank=True, rerank_exact_max=599, rerank_shortlist=150)
+    short = matching.match(bank, queries, per_query)
     assert galleries == [150] * 24  # one re-ranking per query, among its 150 nearest rows, not the 600
     nearest = set(bank.search(queries[:1], 150)[1][0].tolist())
     assert {a["index"] for a in short[0]["alternatives"]} <= nearest
     agree = np.mean([a["category_id"] == b["category_id"] for a, b in zip(whole, short)])
     assert agree >= 0.9, agree  # the k1=20 neighbourhoods lie inside the shortlist: the same answers, nearly all
     assert np.mean([r["category_id"] == t for r, t in zip(short, truth.tolist())]) >= 0.9
-    alone = [matching.match(bank, queries[i : i + 1], MatchOptions(rerank=True, rerank_shortlist=150))[0]
-             for i in range(4)]  # fmt: skip
+    alone = [matching.match(bank, queries[i : i + 1], per_query)[0] for i in range(4)]
     assert alone == short[:4]  # a query's answer does not depend on the other crops of its batch
     with pytest.raises(ValueError, match="rerank shortlist=0"):
         MatchOptions(rerank_shortlist=0)
+
+
+def test_a_query_the_index_finds_nothing_for_falls_back_to_exact_search(monkeypatch):
+    import torch
+
+    from inference.bank import GalleryBank
+    from inference.match import match
+
+    eye = torch.eye(8)
+    bank = GalleryBank.build(eye[:3].repeat(3, 1), identities=[1, 2, 3] * 3)
+    search = bank.search
+
+    def approximate(query, k=10, raw=True, exact=False):  # an IVF list probe that found no row
+        return search(query, k, raw, exact) if exact else (torch.zeros(len(query), k), torch.full((len(query), k), -1))
+
+    monkeypatch.setattr(bank, "search", approximate)
+    for opts in (MatchOptions(), MatchOptions(rerank=True, rerank_exact_max=0, rerank_shortlist=4)):
+        assert [m["category_id"] for m in match(bank, eye[:3], opts)] == [1, 2, 3]
 
 
 def test_class_agnostic_row_ranks_boxes_by_the_detector_score():

@@ -146,16 +146,19 @@ def set_threads(cfg: ExperimentConfig) -> str:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
         return f"{cfg.train.threads} (train.threads)"
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isascii() and omp.isdecimal() and int(omp) > 0:
         # set explicitly: torch reads the variable once, when it starts, and a SLURM task imports torch (to
         # unpickle its job) before the launcher's job wrapper sets it from launch.cpus_per_task
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(int(omp))
         return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     threads = max(per_process - cfg.data.num_workers, 1)
     torch.set_num_threads(threads)
-    return f"{threads} ({cores} usable cores, {per_process} for this process, {cfg.data.num_workers} loader workers)"
+    ignored = f"; OMP_NUM_THREADS={omp!r} ignored: not a positive integer" if omp else ""
+    workers = cfg.data.num_workers
+    return f"{threads} ({cores} usable cores, {per_process} for this process, {workers} loader workers{ignored})"
 
 
 def check_data(cfg: ExperimentConfig, manifest: dict, world_size: int) -> int:
