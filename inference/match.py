@@ -48,14 +48,25 @@ class MatchOptions:
             raise ValueError(f"unknown threshold {self.unknown_threshold} must be a cosine similarity in [-1, 1]")
         if self.query_expansion < 0:
             raise ValueError(f"query expansion k={self.query_expansion} must be >= 0")
-        if self.rerank_shortlist < 1 or self.rerank_exact_max < 0:
-            raise ValueError(f"rerank shortlist={self.rerank_shortlist} must be >= 1 and the exact re-ranking "
-                             f"limit={self.rerank_exact_max} >= 0")  # fmt: skip
+        if self.rerank_shortlist < 1:
+            raise ValueError(f"rerank shortlist={self.rerank_shortlist} must be >= 1")
+        if self.rerank_exact_max < 0:
+            raise ValueError(f"rerank exact max={self.rerank_exact_max} must be >= 0")
 
 
 def combined_score(det_score: float, similarity: float) -> float:
     """The score rule of the module docstring."""
     return float(det_score) * (1.0 + float(similarity)) / 2.0
+
+
+def _search(bank: GalleryBank, q: torch.Tensor, k: int) -> torch.Tensor:
+    """The bank index's top-k rows; a query for which an approximate index (IVF probing too few lists) found no
+    row at all is searched exactly. (A row it filled in part keeps its -1 padding, which ``match`` skips.)"""
+    idx = bank.search(q, k, raw=False)[1]
+    empty = (idx < 0).all(1)
+    if empty.any():
+        idx[empty] = bank.search(q[empty], k, raw=False, exact=True)[1]
+    return idx
 
 
 def _candidates(bank: GalleryBank, q: torch.Tensor, k: int, opts: MatchOptions) -> torch.Tensor:
@@ -66,11 +77,11 @@ def _candidates(bank: GalleryBank, q: torch.Tensor, k: int, opts: MatchOptions) 
     usual way to afford k-reciprocal re-ranking on a large gallery: its k1 = 20 neighbourhoods lie far inside
     the shortlist, and a query's result no longer depends on the other crops of its batch."""
     if not opts.rerank:
-        return bank.search(q, k, raw=False)[1]
+        return _search(bank, q, k)
     if len(bank) <= opts.rerank_exact_max:
         dist = k_reciprocal_rerank(q, bank.features, metric="cosine")
         return torch.topk(dist, k, dim=1, largest=False).indices
-    shortlists = bank.search(q, max(opts.rerank_shortlist, k), raw=False)[1]
+    shortlists = _search(bank, q, max(opts.rerank_shortlist, k))
     out = torch.full((q.shape[0], k), -1, dtype=torch.long)
     for row, rows in enumerate(shortlists):
         rows = rows[rows >= 0]  # an approximate index may return fewer rows
@@ -93,9 +104,6 @@ def match(bank: GalleryBank, raw_features: torch.Tensor, opts: MatchOptions) -> 
     ranker = alpha_query_expansion(q, bank.features, k=opts.query_expansion) if opts.query_expansion else q
     k = min(len(bank), max(64, 8 * opts.topk))  # enough rows to find topk distinct SKUs among their views
     idx = _candidates(bank, ranker, k, opts)
-    empty = (idx < 0).all(1)  # an approximate index (IVF with few probes) can find nothing: exact search there
-    if empty.any():
-        idx[empty] = bank.search(ranker[empty], k, raw=False, exact=True)[1]
     # QE and re-ranking only order the candidates: the reported similarity (threshold, score rule) is the
     # crop's own cosine, since an expanded query is pulled towards the bank and would hide unknown products
     sims = (q[:, None, :] * bank.features[idx.clamp(min=0)]).sum(-1)

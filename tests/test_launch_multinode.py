@@ -207,9 +207,11 @@ def test_time_limit_signal_reaches_both_nodes_and_the_job_resumes(demo, capsys):
 # uninterrupted run: 2 processes from the start 1.1e-4; 2->1 at step 8 9.4e-5; 1->2 at step 16 2.2e-4; but 1->2
 # at steps 4 and 8 and 2->1 at step 6, 3.0e-3. In the 1->2-at-8 run the triplet loss parts from the uninterrupted
 # run's at step 14 (by 4.4e-4, where the other runs stay within 4e-5), the mark of a flipped pick. Resume defects,
-# simulated on the uninterrupted run: SGD momentum lost at step 56, 2.6e-2 (at steps 8-20, 0.33-0.79); the
-# learning rate one step late, 6.5e-2. So the test resumes after step RESUME_AFTER and allows 1e-2.
-RESUME_AFTER, DRIFT = 16, 1e-2
+# simulated on the uninterrupted run: SGD momentum lost at step 56, 2.6e-2 (at steps 8-20, 0.33-0.79). A defect
+# matters less the later it comes (fewer steps remain, at a decayed learning rate), so the test resumes at a step
+# from RESUME_AFTER to RESUME_BY, the range where a lost momentum buffer was measured at 2.6e-2 or more, and
+# allows 1e-2.
+RESUME_AFTER, RESUME_BY, DRIFT = 16, 56, 1e-2
 ELASTIC = ["schedule.epochs=10", "launch.env=OMP_NUM_THREADS=1", "model.backbone=test_vit", "model.neck=none",
            "data.height=32", "data.width=32", "loss.triplet_all_ranks=true", "optim.name=sgd", "optim.lr=0.05",
            "eval.enabled=false", "train.record_batches=true", "launch.nodes=2", "launch.cpu_tasks=1",
@@ -282,6 +284,8 @@ def _assert_continues_the_uninterrupted_run(job, folder: Path, uninterrupted: Pa
     expected = global_batches(uninterrupted)
     assert len(expected) == _global_step(folder) > 20  # every step of the uninterrupted run, once
     assert global_batches(folder) == expected  # same keys in the same order; nothing replayed or skipped
+    (resumed,) = log_ints(folder / "train.log", r"resumed from .*\(global step (\d+)\)")
+    assert RESUME_AFTER <= resumed <= RESUME_BY, f"resumed at step {resumed}: the bound below is sized for these"
     reference, elastic = final_weights(uninterrupted), final_weights(folder)  # not bitwise: see ELASTIC
     for key, value in reference.items():
         if value.is_floating_point():
@@ -299,7 +303,7 @@ def test_requeued_onto_fewer_nodes_continues_with_the_same_batches(demo, uninter
     try:
         wait_for(lambda: _process_counts(folder), 300, "the first start")
         assert _process_counts(folder) == [2], subprocess.run(["squeue"], capture_output=True, text=True).stdout
-        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state after step {RESUME_AFTER}")
+        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state at step {RESUME_AFTER} or later")
         drain("detretr-n2")
         _requeue_when_idle(job, lambda: "detretr-n1 idle" in _states())
         assert jobs.wait_done(job, 900), f"job {job.job_id} did not finish within 15 minutes"
@@ -316,7 +320,7 @@ def test_requeued_onto_more_nodes_continues_with_the_same_batches(demo, uninterr
     wait_for(lambda: "detretr-n2 drain" in _states(), 60, "node 2 drained")
     job, folder = submit([*demo, *ELASTIC], capsys)
     try:
-        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state after step {RESUME_AFTER}")
+        wait_for(lambda: _resumable_after(folder, RESUME_AFTER), 300, f"a state at step {RESUME_AFTER} or later")
         _scontrol("update", "NodeName=detretr-n2", "State=RESUME")
         _requeue_when_idle(job, _both_idle)
         assert jobs.wait_done(job, 900), f"job {job.job_id} did not finish within 15 minutes"

@@ -145,13 +145,15 @@ def test_a_large_bank_is_reranked_per_query_among_its_shortlist(monkeypatch):
     assert alone == short[:4]  # a query's answer does not depend on the other crops of its batch
     with pytest.raises(ValueError, match="rerank shortlist=0"):
         MatchOptions(rerank_shortlist=0)
+    with pytest.raises(ValueError, match="rerank exact max=-1"):
+        MatchOptions(rerank_exact_max=-1)
 
 
 def test_a_query_the_index_finds_nothing_for_falls_back_to_exact_search(monkeypatch):
     import torch
 
+    import inference.match as matching
     from inference.bank import GalleryBank
-    from inference.match import match
 
     eye = torch.eye(8)
     bank = GalleryBank.build(eye[:3].repeat(3, 1), identities=[1, 2, 3] * 3)
@@ -161,8 +163,14 @@ def test_a_query_the_index_finds_nothing_for_falls_back_to_exact_search(monkeypa
         return search(query, k, raw, exact) if exact else (torch.zeros(len(query), k), torch.full((len(query), k), -1))
 
     monkeypatch.setattr(bank, "search", approximate)
+    galleries = []
+    real = matching.k_reciprocal_rerank
+    monkeypatch.setattr(
+        matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
+    )
     for opts in (MatchOptions(), MatchOptions(rerank=True, rerank_exact_max=0, rerank_shortlist=4)):
-        assert [m["category_id"] for m in match(bank, eye[:3], opts)] == [1, 2, 3]
+        assert [m["category_id"] for m in matching.match(bank, eye[:3], opts)] == [1, 2, 3]
+    assert galleries == [9, 9, 9]  # still re-ranked, each among the exact search's rows (k = all 9 of them)
 
 
 def test_class_agnostic_row_ranks_boxes_by_the_detector_score():

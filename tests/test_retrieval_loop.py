@@ -138,7 +138,7 @@ def test_threads_follow_the_cores_this_process_may_use(monkeypatch):
         # it must still win
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert set_threads(cfg) == "1 (OMP_NUM_THREADS)" and torch.get_num_threads() == 1
-        for bad in ("0", "-1", "4,2", "\u00b2"):  # OpenMP's nested list and a digit int() refuses fall back
+        for bad in ("0", "-1", "4,2", "\u00b2", "100000000000"):  # nested-level list, a digit int() refuses
             monkeypatch.setenv("OMP_NUM_THREADS", bad)
             said = set_threads(cfg)
             assert said.startswith(f"{max(cores - 1, 1)} ({cores} usable cores") and f"{bad!r} ignored" in said

@@ -147,7 +147,7 @@ def set_threads(cfg: ExperimentConfig) -> str:
         torch.set_num_threads(cfg.train.threads)
         return f"{cfg.train.threads} (train.threads)"
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isascii() and omp.isdecimal() and int(omp) > 0:
+    if omp.isascii() and omp.isdecimal() and 0 < int(omp) <= 4096:  # (torch refuses huge counts)
         # set explicitly: torch reads the variable once, when it starts, and a SLURM task imports torch (to
         # unpickle its job) before the launcher's job wrapper sets it from launch.cpus_per_task
         torch.set_num_threads(int(omp))
@@ -156,7 +156,7 @@ def set_threads(cfg: ExperimentConfig) -> str:
     per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     threads = max(per_process - cfg.data.num_workers, 1)
     torch.set_num_threads(threads)
-    ignored = f"; OMP_NUM_THREADS={omp!r} ignored: not a positive integer" if omp else ""
+    ignored = f"; OMP_NUM_THREADS={omp!r} ignored: not one thread count" if omp else ""
     workers = cfg.data.num_workers
     return f"{threads} ({cores} usable cores, {per_process} for this process, {workers} loader workers{ignored})"
 
