@@ -193,6 +193,7 @@ def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog
     """Metrics through inference.evaluate on every rank; rank 0 logs them and keeps the best weights."""
     from inference.evaluate import evaluate_model
 
+    sync_buffers(parts.raw_model, accelerator)
     parts.raw_model.eval()
     with torch.no_grad():
         metrics = evaluate_model(
@@ -215,6 +216,20 @@ def evaluate(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog
         draw_rank_list(parts, cfg, accelerator, prog)
     accelerator.wait_for_everyone()
     return {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
+
+
+def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics) before it embeds its share of the
+    evaluation: each rank updates them from its own micro-batches, DDP copies rank 0's only at the start of each
+    forward and DeepSpeed never does, and rank 0's are the ones saved (state files, mAPxx.pth). Without this the
+    reported mAP would mix models of their own on the ranks, and change with a resume (which loads rank 0's)."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for buf in model.buffers():
+            wire = buf.float() if buf.dtype in (torch.float16, torch.bfloat16) else buf.clone()  # (gloo and half)
+            torch.distributed.broadcast(wire, src=0)
+            buf.copy_(wire)
 
 
 def draw_rank_list(parts: Parts, cfg: ExperimentConfig, accelerator: Accelerator, prog: Progress) -> None:
