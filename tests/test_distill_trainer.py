@@ -192,3 +192,41 @@ def test_swinb_into_r50ibn_config_runs(teacher, tmp_path):
     text = (tmp_path / "run" / "train.log").read_text()
     assert "student resnet50_ibn_a (2048-d) <- teacher swin_base_patch4_window7_224 (1024-d)" in text
     assert glob.glob(str(tmp_path / "run" / "checkpoints" / "state-*.pt"))
+
+
+@pytest.mark.slow  # three 2-process DeepSpeed starts: about 40 s on 2 cores
+def test_deepspeed_distillation_resumes_where_the_uninterrupted_run_ends(teacher, tmp_path):
+    """ZeRO-2 wraps the student only (the teacher stays outside, frozen); the projection's own optimizer and the
+    student's sharded state resume, so a run stopped after step 4 and resumed ends with the uninterrupted run's
+    student, projection and evaluation."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")  # Accelerate's DeepSpeed plugin imports its HfDeepSpeedConfig
+    root, best = teacher
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # DeepSpeed's CPU accelerator instead
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = ["--config", "distill_demo", *FAST, f"data.shards={root}/shards", f"distill.teacher_checkpoint={best}",
+            "model.embed_dim=32", "schedule.epochs=2", "schedule.iters_per_epoch=3", "checkpoint.every_steps=2",
+            "eval.every=0", f"train.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"]  # fmt: skip
+
+    def torchrun(run_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "trainers/retrieval.py", *args, "--run-dir", str(run_dir), *extra]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    torchrun(tmp_path / "full")
+    torchrun(tmp_path / "cut", "--max-steps", "4")
+    torchrun(tmp_path / "cut", "--resume", "auto")
+    text = {name: (tmp_path / name / "train.log").read_text() for name in ("full", "cut")}
+    assert "2 process(es)" in text["full"] and "distillation:" in text["full"]
+    assert "resumed from" in text["cut"] and "(global step 4)" in text["cut"]
+    a, b = (ckpt.load_state(tmp_path / name / "checkpoints" / "state-000000006.pt") for name in ("full", "cut"))
+    student = build_model(_cfg(teacher).model, 24, img_size=(48, 48))
+    assert a["model"].keys() == student.state_dict().keys()  # the student's tensors, no teacher's
+    assert a["optimizer"] == {"zero": "state-000000006.zero"} and sorted(a["criterion"]) == [
+        "base.center.centers", "kd.proj.weight"]  # fmt: skip
+    for part in ("model", "criterion"):
+        for key, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6, rtol=0), (part, key)
+    results = [t[t.index("Validation Results") :].splitlines()[0] for t in text.values()]
+    assert results[0] == results[1]
