@@ -228,5 +228,6 @@ def test_deepspeed_distillation_resumes_where_the_uninterrupted_run_ends(teacher
     for part in ("model", "criterion"):
         for key, value in a[part].items():
             assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6, rtol=0), (part, key)
+    assert all("Validation Results" in t for t in text.values())
     results = [t[t.index("Validation Results") :].splitlines()[0] for t in text.values()]
     assert results[0] == results[1]

@@ -188,6 +188,13 @@ def test_deepspeed_config_files(name, tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match=f"train.deepspeed_config='{missing}' does not exist"):
         make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={missing}"]))
+    zero3, broken = tmp_path / "zero3.json", tmp_path / "broken.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    broken.write_text("[1, 2")
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={zero3}"]))
+    with pytest.raises(ValueError, match="broken.json' is not a DeepSpeed JSON object"):
+        make_accelerator(load_config("retr_demo", [f"train.deepspeed_config={broken}"]))
 
 
 def test_train_evaluate_tensorboard_and_best_weights(shards, tmp_path):

@@ -8,6 +8,7 @@ for type checking.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -60,11 +61,24 @@ class Parts:
     """criterion parameters other than the centers (e.g. a distillation projection), stepped with the model"""
 
 
+def check_zero_stage(path: str) -> None:
+    """Refuse ZeRO stage 3: it partitions the parameters themselves, while the trainer saves, evaluates and
+    distils from each rank's whole model (stages 1 and 2 partition the optimizer state and gradients only)."""
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"train.deepspeed_config={path!r} is not a DeepSpeed JSON object: {exc}") from None
+    if str(stage) == "3":
+        raise ValueError(f"train.deepspeed_config={path!r}: ZeRO stage 3 is not supported (it partitions the "
+                         "parameters; the trainer saves and evaluates whole models): use stage 1 or 2")  # fmt: skip
+
+
 def make_accelerator(cfg: ExperimentConfig) -> Accelerator:
     plugin = None
     if cfg.train.deepspeed_config:
         if not Path(cfg.train.deepspeed_config).is_file():
             raise FileNotFoundError(f"train.deepspeed_config={cfg.train.deepspeed_config!r} does not exist")
+        check_zero_stage(cfg.train.deepspeed_config)
         plugin = DeepSpeedPlugin(
             hf_ds_config=cfg.train.deepspeed_config,
             gradient_accumulation_steps=cfg.optim.grad_accum,
