@@ -32,6 +32,18 @@ def wait_for(predicate, deadline_s: float, what: str, poll_s: float = 0.5) -> No
         time.sleep(poll_s)
 
 
+def wait_for_first_state(job: submitit.Job, folder: Path, deadline_s: float = 240) -> None:
+    """Wait for the job's first resumable state, whichever step it is by now (older states are pruned), and
+    check that the job is still running: a test that signals it next needs it alive."""
+    from launch import jobs
+    from trainers import checkpoint as ckpt
+
+    wait_for(
+        lambda: ckpt.list_states(folder / "checkpoints") or jobs.job_done(job), deadline_s, "the first state", 0.05
+    )
+    assert not jobs.job_done(job), (folder / f"{job.job_id}_0_log.err").read_text()[-3000:]
+
+
 def preempt(job: submitit.Job) -> None:
     """Send the preemption / time-limit signal to every task; on SLURM also release the requeued job.
 

@@ -17,8 +17,7 @@ import pytest
 from configs import from_dict, load_config
 from launch import jobs
 from launch.slurm import main, submit
-from tests.launch_helpers import log_ints, logged_steps, preempt, wait_for
-from trainers import checkpoint as ckpt
+from tests.launch_helpers import log_ints, logged_steps, preempt, wait_for_first_state
 
 EPOCHS, ITERS, EVERY = 6, 20, 5
 TINY = [
@@ -63,8 +62,7 @@ def preempted(tmp_path_factory, shards):
     root = tmp_path_factory.mktemp("runs")
     job = submit("retr_demo", [*OVERRIDES, *shards, f"output_dir={root}"], cluster="local")
     folder = Path(job.paths.folder)
-    wait_for(lambda: ckpt.list_states(folder / "checkpoints") or jobs.job_done(job), 240, "the first state", 0.05)
-    assert not jobs.job_done(job), (folder / f"{job.job_id}_0_log.err").read_text()[-3000:]
+    wait_for_first_state(job, folder)
     preempt(job)
     assert jobs.wait_done(job, 300), "the preempted job did not finish within 300 s"
     return job, folder, root

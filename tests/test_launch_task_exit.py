@@ -18,9 +18,8 @@ from launch import jobs, task_exit
 from launch.slurm import main, submit
 from launch.task_exit import exit_lines, read_exits
 from tests.conftest import REPO
-from tests.launch_helpers import wait_for
+from tests.launch_helpers import wait_for, wait_for_first_state
 from tests.test_launch_local import OVERRIDES, shards  # noqa: F401  (the module's shards fixture)
-from trainers import checkpoint as ckpt
 
 ENDINGS = {0: "import sys; sys.exit(3)", 1: "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"}
 
@@ -171,9 +170,7 @@ def test_a_local_rank_killed_mid_run_is_named_with_its_signal(tmp_path, shards, 
     job = submit("retr_demo", [*OVERRIDES, *shards, "schedule.epochs=1000", f"output_dir={tmp_path}"],
                  cluster="local")  # fmt: skip
     folder = Path(job.paths.folder)
-    # the first state, whichever step it is by now (older states are pruned: checkpoint.keep_last)
-    wait_for(lambda: ckpt.list_states(folder / "checkpoints") or jobs.job_done(job), 240, "the first state", 0.05)
-    assert not jobs.job_done(job), (folder / f"{job.job_id}_0_log.err").read_text()[-3000:]
+    wait_for_first_state(job, folder)
     victim = json.loads((folder / "tasks" / "rank-1.json").read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     assert jobs.wait_and_report(job, 120) == 1

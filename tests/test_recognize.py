@@ -114,6 +114,17 @@ def test_query_expansion_and_rerank_do_not_inflate_the_open_set_similarity():
         assert m["category_id"] == UNKNOWN and m["alternatives"][0]["category_id"] == 1
 
 
+def _count_reranks(monkeypatch) -> list[int]:
+    """The gallery size of every re-ranking ``inference.match`` runs from now on (it still runs them)."""
+    import inference.match as matching
+
+    galleries, real = [], matching.k_reciprocal_rerank
+    monkeypatch.setattr(
+        matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
+    )
+    return galleries
+
+
 def test_a_large_bank_is_reranked_per_query_among_its_shortlist(monkeypatch):
     import torch
 
@@ -128,11 +139,7 @@ def test_a_large_bank_is_reranked_per_query_among_its_shortlist(monkeypatch):
     queries = centres[truth] + 0.35 * torch.randn(24, 32, generator=gen)
     bank = GalleryBank.build(views, identities=skus)
     whole = matching.match(bank, queries, MatchOptions(rerank=True))  # 600 rows: re-ranked whole
-    galleries = []
-    real = matching.k_reciprocal_rerank
-    monkeypatch.setattr(
-        matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
-    )
+    galleries = _count_reranks(monkeypatch)
     per_query = MatchOptions(rerank=True, rerank_exact_max=599, rerank_shortlist=150)
     short = matching.match(bank, queries, per_query)
     assert galleries == [150] * 24  # one re-ranking per query, among its 150 nearest rows, not the 600
@@ -163,11 +170,7 @@ def test_a_query_the_index_finds_nothing_for_falls_back_to_exact_search(monkeypa
         return search(query, k, raw, exact) if exact else (torch.zeros(len(query), k), torch.full((len(query), k), -1))
 
     monkeypatch.setattr(bank, "search", approximate)
-    galleries = []
-    real = matching.k_reciprocal_rerank
-    monkeypatch.setattr(
-        matching, "k_reciprocal_rerank", lambda q, g, **kw: galleries.append(len(g)) or real(q, g, **kw)
-    )
+    galleries = _count_reranks(monkeypatch)
     for opts in (MatchOptions(), MatchOptions(rerank=True, rerank_exact_max=0, rerank_shortlist=4)):
         assert [m["category_id"] for m in matching.match(bank, eye[:3], opts)] == [1, 2, 3]
     assert galleries == [9, 9, 9]  # still re-ranked, each among the exact search's rows (k = all 9 of them)
